@@ -1,0 +1,1 @@
+"""Benchmarks and profilers; nothing in the package imports this folder."""

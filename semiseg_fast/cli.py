@@ -1,0 +1,39 @@
+"""Command-line entry point behind ``train.py`` and the ``semiseg-train`` script."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from .config import parse_config
+from .errors import ConfigError, DataError, NonFiniteLossError
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = parse_config(argv)
+        from .engine.trainer import Trainer
+
+        t0 = time.perf_counter()
+        trainer = Trainer(cfg)
+        print(f"{cfg.method} on {cfg.data}: {trainer.num_labeled} labeled of {trainer.train_images.shape[0]} "
+              f"training images, {cfg.iters} iterations on {trainer.device}; run directory {trainer.run_dir}",
+              flush=True)
+        metrics = trainer.train()
+        if metrics is None:  # resumed a finished run
+            metrics = trainer.run_eval()
+        print(f"\nvalidation ({trainer.data.val_images.shape[0]} images) of the {cfg.method} model "
+              f"after {trainer.step} iterations, {time.perf_counter() - t0:.0f} s:")
+        print(metrics.table(trainer.data.class_names))
+        return 0
+    except (ConfigError, DataError, NonFiniteLossError, FileNotFoundError) as e:
+        if os.environ.get("SEMISEG_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""The training configuration: one flat dataclass, validated, dumped into every run directory."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from .errors import ConfigError
+
+
+@dataclass
+class TrainConfig:
+    # what to train
+    method: str = field(default="fixmatch", metadata={"help": "training method (see --help for the list)"})
+    data: str = field(default="synthetic", metadata={"help": "data set name"})
+    root: str | None = field(default=None, metadata={"help": "data set root folder (real data sets)"})
+    labeled: str = field(default="1/16", metadata={"help": "labeled fraction ('1/16', '0.25') or count ('92')"})
+    # synthetic data set
+    num_train: int = field(default=1024, metadata={"help": "synthetic: training images (labeled + unlabeled)"})
+    num_val: int = field(default=200, metadata={"help": "synthetic: validation images"})
+    image_size: int = field(default=80, metadata={"help": "synthetic: generated image side length"})
+    data_seed: int = field(default=0, metadata={"help": "synthetic scenes and the labeled split derive from it"})
+    cache_dir: str | None = field(default=".cache/semiseg_fast", metadata={"help": "where generated data is cached ('' = none)"})
+    # model
+    arch: str = field(default="deeplabv3plus", metadata={"help": "deeplabv3plus | deeplabv3plus_u2pl | deeplabv2"})
+    backbone: str = field(default="resnet18", metadata={"help": "resnet18 | resnet50 | resnet101"})
+    output_stride: int = field(default=16, metadata={"help": "backbone output stride: 8 | 16"})
+    deep_stem: bool = field(default=False, metadata={"help": "3-conv deep stem (U2PL / UniMatch backbones)"})
+    pretrained: str | None = field(default=None, metadata={"help": "local torchvision-named ResNet weights file"})
+    # optimisation
+    crop: int = field(default=64, metadata={"help": "training crop side length"})
+    batch_size: int = field(default=8, metadata={"help": "labeled images per step"})
+    unlabeled_batch_size: int | None = field(default=None, metadata={"help": "unlabeled images per step (default: batch_size)"})
+    iters: int = field(default=400, metadata={"help": "training iterations"})
+    lr: float = field(default=0.02, metadata={"help": "base learning rate (backbone)"})
+    head_lr_mult: float = field(default=1.0, metadata={"help": "learning-rate multiplier of the head (10 with a pretrained backbone)"})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
+    weight_decay: float = field(default=1e-4, metadata={"help": "SGD weight decay"})
+    lr_power: float = field(default=0.9, metadata={"help": "poly schedule power"})
+    # semi-supervised
+    conf_thresh: float = field(default=0.95, metadata={"help": "pseudo-label confidence threshold"})
+    ema_decay: float = field(default=0.99, metadata={"help": "largest EMA decay of mean teachers"})
+    unsup_weight: float = field(default=1.0, metadata={"help": "weight of the unsupervised loss"})
+    # running
+    seed: int = field(default=0, metadata={"help": "seed of the model init, augmentations and data order"})
+    deterministic: bool = field(default=False, metadata={"help": "deterministic algorithms (bit-exact resume on CPU)"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+    amp: str = field(default="auto", metadata={"help": "auto (bf16 on CUDA) | bf16 | off"})
+    compile: str = field(default="auto", metadata={"help": "torch.compile the step: auto (on for CUDA) | on | off"})
+    eval_every: int = field(default=200, metadata={"help": "evaluate every N iterations (0: only at the end)"})
+    eval_batch_size: int = field(default=32, metadata={"help": "validation batch size"})
+    log_every: int = field(default=10, metadata={"help": "log and check for NaN every N iterations"})
+    ckpt_every: int = field(default=100, metadata={"help": "write latest.pt every N iterations (0: at eval and end only)"})
+    out: str | None = field(default=None, metadata={"help": "run directory (default runs/<method>-<data>)"})
+    resume: bool = field(default=False, metadata={"help": "resume from <out>/latest.pt when it exists"})
+    log_backend: str = field(default="auto", metadata={"help": "auto (TensorBoard if installed, else CSV) | tensorboard | csv"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+
+    def __post_init__(self) -> None:
+        if self.unlabeled_batch_size is None:
+            self.unlabeled_batch_size = self.batch_size
+        if self.out is None:
+            self.out = f"runs/{self.method}-{self.data}"
+
+    def validate(self) -> "TrainConfig":
+        from .data import DATASETS
+        from .methods import METHODS
+
+        def need(cond: bool, name: str, what: str) -> None:
+            if not cond:
+                raise ConfigError(f"--{name.replace('_', '-')}: {what}, got {getattr(self, name)!r}")
+
+        need(self.method in METHODS, "method", f"expected one of {sorted(METHODS)}")
+        need(self.data in DATASETS, "data", f"expected one of {sorted(DATASETS)}")
+        for name in ("num_train", "num_val", "image_size", "crop", "batch_size", "unlabeled_batch_size", "iters",
+                     "eval_batch_size", "log_every"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "expected an integer >= 1")
+        for name in ("eval_every", "ckpt_every"):
+            need(getattr(self, name) >= 0, name, "expected an integer >= 0")
+        need(self.output_stride in (8, 16, 32), "output_stride", "expected 8, 16 or 32")
+        for name in ("lr", "head_lr_mult", "lr_power"):
+            need(getattr(self, name) > 0, name, "expected a positive number")
+        for name in ("momentum", "conf_thresh", "ema_decay"):
+            need(0.0 <= getattr(self, name) <= 1.0, name, "expected a number in [0, 1]")
+        need(self.weight_decay >= 0, "weight_decay", "expected a number >= 0")
+        need(self.unsup_weight >= 0, "unsup_weight", "expected a number >= 0")
+        need(self.amp in ("auto", "bf16", "off"), "amp", "expected auto, bf16 or off")
+        need(self.compile in ("auto", "on", "off"), "compile", "expected auto, on or off")
+        need(self.log_backend in ("auto", "tensorboard", "csv"), "log_backend", "expected auto, tensorboard or csv")
+        need(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device",
+             "expected auto, cpu, cuda or cuda:N")
+        from .data.splits import parse_labeled
+
+        try:
+            parse_labeled(self.labeled)
+        except ValueError as e:
+            raise ConfigError(f"--labeled: {e}") from None
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def _arg_type(f: dataclasses.Field):
+    kind = f.type if isinstance(f.type, str) else f.type.__name__
+    if kind.startswith("int"):
+        return int
+    if kind.startswith("float"):
+        return float
+    return str
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .data import DATASETS
+    from .methods import METHODS
+
+    parser = argparse.ArgumentParser(
+        prog="train.py",
+        description="Train a semi-supervised segmentation method. With no arguments: FixMatch on the "
+        "built-in synthetic data set with 1/16 of the labels, on the CPU in a few minutes.",
+        epilog=f"methods: {', '.join(sorted(METHODS))}; data sets: {', '.join(sorted(DATASETS))}",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            parser.add_argument(flag, default=f.default, action=argparse.BooleanOptionalAction, help=f.metadata["help"])
+        else:
+            parser.add_argument(flag, type=_arg_type(f), default=f.default, help=f.metadata["help"])
+    return parser
+
+
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    args = build_parser().parse_args(argv)
+    cfg = TrainConfig(**vars(args))
+    if cfg.cache_dir == "":
+        cfg.cache_dir = None
+    return cfg.validate()

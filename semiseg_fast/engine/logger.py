@@ -1,0 +1,43 @@
+"""Scalar logging: TensorBoard when it is installed, else a CSV file in the run directory."""
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+
+class ScalarLogger:
+    def __init__(self, run_dir: str | os.PathLike, backend: str = "auto"):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._tb = None
+        if backend not in ("auto", "tensorboard", "csv"):
+            raise ValueError(f"log backend must be auto, tensorboard or csv, got {backend!r}")
+        if backend in ("auto", "tensorboard"):
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(log_dir=str(self.run_dir / "tb"))
+            except (ImportError, ModuleNotFoundError):
+                if backend == "tensorboard":
+                    raise ImportError("log backend 'tensorboard' needs the tensorboard package") from None
+        self.backend = "tensorboard" if self._tb is not None else "csv"
+        # The CSV is written in both cases: it is what tests and scripts read back.
+        self._csv_path = self.run_dir / "metrics.csv"
+        self._csv = open(self._csv_path, "a", newline="")
+        self._writer = csv.writer(self._csv)
+        if self._csv_path.stat().st_size == 0:
+            self._writer.writerow(["step", "tag", "value"])
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        for tag, value in scalars.items():
+            value = float(value)
+            self._writer.writerow([step, tag, f"{value:.6g}"])
+            if self._tb is not None:
+                self._tb.add_scalar(tag, value, step)
+        self._csv.flush()
+
+    def close(self) -> None:
+        self._csv.close()
+        if self._tb is not None:
+            self._tb.close()

@@ -1,0 +1,267 @@
+"""The training engine: data streams, the per-iteration step, evaluation, checkpoints, logging.
+
+The step never waits for the device: metrics accumulate in device tensors and are read (one sync)
+every ``log_every`` iterations, which is also when a NaN/inf loss is noticed. Checkpoints are
+written only after that check, so ``latest.pt`` always holds the last good state.
+"""
+from __future__ import annotations
+
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..config import TrainConfig
+from ..data import build_dataset
+from ..data.augment import weak_augment
+from ..data.splits import labeled_split, parse_labeled
+from ..errors import ConfigError, NonFiniteLossError
+from ..methods import build_method
+from .checkpoint import atomic_save, load_checkpoint
+from .evaluate import SegMetrics, evaluate
+from .logger import ScalarLogger
+from .nvtx import nvtx_range
+from .optim import build_sgd, poly_factor, set_lr
+from .streams import IndexStream
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device: {name!r} requested but CUDA is not available")
+    return device
+
+
+def configure_determinism(deterministic: bool, device: torch.device) -> None:
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        # On CUDA some backward kernels (bilinear up-sampling) have no deterministic version:
+        # warn instead of failing there. On CPU every op we use is deterministic.
+        torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+    else:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.benchmark = True
+
+
+def _progress_bar(total: int, initial: int, enabled: bool):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is a dependency; this only guards odd environments
+        return None
+    return tqdm(total=total, initial=initial, disable=not enabled, dynamic_ncols=True, unit="it", smoothing=0.1)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, echo=print):
+        self.cfg = cfg.validate()
+        self.echo = echo
+        self.device = resolve_device(cfg.device)
+        configure_determinism(cfg.deterministic, self.device)
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        self.amp_dtype = torch.bfloat16 if (cfg.amp == "bf16" or (cfg.amp == "auto" and self.device.type == "cuda")) else None
+
+        # -- data: one tensor per split, moved to the device once (never starves the GPU) --
+        self.data = build_dataset(cfg)
+        self.num_classes = self.data.num_classes
+        self.train_images = self.data.train_images.to(self.device)
+        self.train_labels = self.data.train_labels.to(self.device)
+        labeled_idx, unlabeled_idx = labeled_split(self.train_images.shape[0], parse_labeled(cfg.labeled), cfg.data_seed)
+        self.num_labeled = labeled_idx.numel()
+
+        # -- method, optimizer --
+        self.method = build_method(cfg.method, cfg, self.num_classes).to(self.device)
+        self.method.train()
+        self.streams = {"labeled": IndexStream(labeled_idx, cfg.batch_size, seed=cfg.seed * 7 + 1)}
+        if self.method.uses_unlabeled:
+            if unlabeled_idx.numel() == 0:
+                raise ConfigError(f"--labeled: method {cfg.method!r} needs unlabeled images but every image is labeled")
+            for k in range(1 + self.method.extra_unlabeled_batches):
+                self.streams[f"unlabeled{k}"] = IndexStream(unlabeled_idx, cfg.unlabeled_batch_size, seed=cfg.seed * 7 + 2 + k)
+        self.optimizer = build_sgd(*self.method.param_groups(), lr=cfg.lr, head_lr_mult=cfg.head_lr_mult,
+                                   momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        use_compile = cfg.compile == "on" or (cfg.compile == "auto" and self.device.type == "cuda")
+        self._losses = torch.compile(self.method.losses) if use_compile else self.method.losses
+
+        # -- bookkeeping: device-side so the step never syncs --
+        self.step = 0
+        self.best_miou = float("-inf")
+        self.last_metrics: SegMetrics | None = None
+        self._step_t = torch.zeros((), dtype=torch.long, device=self.device)
+        self._first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
+        self._progress = torch.zeros((), dtype=torch.float32, device=self.device)
+        self._acc: dict[str, torch.Tensor] = {}
+        self._acc_n = 0
+
+        self.run_dir = Path(cfg.out)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.resume and (self.run_dir / "latest.pt").is_file():
+            self.load(self.run_dir / "latest.pt")
+            self.echo(f"resumed from {self.run_dir / 'latest.pt'} at iteration {self.step}")
+        (self.run_dir / "config.json").write_text(cfg.to_json() + "\n")
+        self.logger = ScalarLogger(self.run_dir, cfg.log_backend)
+
+    # -- data ---------------------------------------------------------------------------------
+    def _images(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.train_images[idx.to(self.device)].float().div_(255)
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        cfg, g = self.cfg, self.generator
+        idx = self.streams["labeled"].next().to(self.device)
+        x, y = weak_augment(self._images(idx), self.train_labels[idx].long(), crop=cfg.crop, generator=g)
+        batch = {"x_l": x, "y_l": y}
+        for k in range(1 + self.method.extra_unlabeled_batches if self.method.uses_unlabeled else 0):
+            idx = self.streams[f"unlabeled{k}"].next().to(self.device)
+            x, pad = weak_augment(self._images(idx), None, crop=cfg.crop, generator=g)
+            suffix = "" if k == 0 else str(k)
+            batch["x_u" + suffix], batch["pad_u" + suffix] = x, pad
+        return batch
+
+    # -- one iteration ------------------------------------------------------------------------
+    def train_step(self) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        lr = set_lr(self.optimizer, cfg.lr, poly_factor(self.step, cfg.iters, cfg.lr_power))
+        self._progress.fill_(self.step / cfg.iters)
+        with nvtx_range("data"):
+            batch = self.next_batch()
+        with nvtx_range("augment"):
+            batch = self.method.augment(batch, self.generator)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16, enabled=self.amp_dtype is not None):
+            out = self._losses(batch, self._progress)
+        with nvtx_range("backward"):
+            out["loss"].backward()
+        with nvtx_range("optimizer"):
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.method.after_step(self.step)
+        self._step_t += 1  # iterations are numbered from 1, as in the progress bar and the logs
+        self.step += 1
+        bad = ~torch.isfinite(out["loss"].detach())
+        self._first_bad = torch.where((self._first_bad < 0) & bad, self._step_t, self._first_bad)
+        self.lr = lr
+        return out
+
+    def _check_finite(self) -> None:
+        first_bad = int(self._first_bad)  # one sync, every log_every iterations
+        if first_bad >= 0:
+            last = self.run_dir / "latest.pt"
+            kept = f"; the last good checkpoint is {last}" if last.is_file() else ""
+            raise NonFiniteLossError(
+                f"loss became NaN/inf at iteration {first_bad} (method {self.cfg.method}){kept}. "
+                "Lower --lr, check the data, or resume from the checkpoint with --resume."
+            )
+
+    def train(self, max_steps: int | None = None) -> SegMetrics | None:
+        """Run until ``cfg.iters`` (or until ``max_steps`` total iterations, for tests and profiling)."""
+        cfg = self.cfg
+        stop = cfg.iters if max_steps is None else min(max_steps, cfg.iters)
+        bar = _progress_bar(cfg.iters, self.step, cfg.progress)
+        images_per_step = cfg.batch_size + (cfg.unlabeled_batch_size * (1 + self.method.extra_unlabeled_batches)
+                                            if self.method.uses_unlabeled else 0)
+        t0, s0 = time.perf_counter(), self.step
+        try:
+            while self.step < stop:
+                out = self.train_step()
+                for k, v in out.items():
+                    v = v.detach().float()
+                    self._acc[k] = self._acc[k] + v if k in self._acc else v
+                self._acc_n += 1
+                if bar is not None:
+                    bar.update(1)
+                last = self.step == stop
+                if self.step % cfg.log_every == 0 or last:
+                    self._check_finite()
+                    means = {k: float(v) / self._acc_n for k, v in self._acc.items()}
+                    means["lr"] = self.lr
+                    self._acc, self._acc_n = {}, 0
+                    ips = (self.step - s0) * images_per_step / max(time.perf_counter() - t0, 1e-9)
+                    self.logger.log(self.step, {f"train/{k}": v for k, v in means.items()} | {"train/images_per_s": ips})
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{means['loss']:.3f}", lr=f"{means['lr']:.2e}", img_s=f"{ips:.1f}")
+                do_eval = (cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == cfg.iters
+                if do_eval:
+                    self._check_finite()
+                    self.run_eval()
+                if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or do_eval or last:
+                    self._check_finite()
+                    self.save(self.run_dir / "latest.pt")
+        except KeyboardInterrupt:
+            self._check_finite()
+            self.save(self.run_dir / "latest.pt")
+            self.echo(f"\ninterrupted at iteration {self.step}; latest.pt saved, continue with --resume")
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+            self.logger.close()
+        return self.last_metrics
+
+    def run_eval(self) -> SegMetrics:
+        with nvtx_range("eval"):
+            metrics = evaluate(self.method.eval_model(), self.data.val_images, self.data.val_labels, self.num_classes,
+                               batch_size=self.cfg.eval_batch_size, device=self.device, amp_dtype=self.amp_dtype)
+        self.last_metrics = metrics
+        scalars = {"val/mIoU": metrics.miou, "val/pixel_acc": metrics.pixel_acc}
+        scalars |= {f"val/IoU/{n}": v for n, v in zip(self.data.class_names, metrics.iou)}
+        self.logger.log(self.step, scalars)
+        if metrics.miou > self.best_miou:
+            self.best_miou = metrics.miou
+            self.save(self.run_dir / "best.pt")
+        return metrics
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        rng = {
+            "torch": torch.get_rng_state(),
+            "generator": self.generator.get_state(),
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+        }
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {
+            "version": __version__,
+            "step": self.step,
+            "best_miou": self.best_miou,
+            "method": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "streams": {k: s.state_dict() for k, s in self.streams.items()},
+            "rng": rng,
+            "config": self.cfg.to_dict(),
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        with nvtx_range("checkpoint"):
+            return atomic_save(self.state_dict(), path)
+
+    def load(self, path: str | os.PathLike) -> None:
+        state = load_checkpoint(path, map_location=self.device)
+        saved = state.get("config", {})
+        for key in ("method", "arch", "backbone", "data"):
+            if saved.get(key, getattr(self.cfg, key)) != getattr(self.cfg, key):
+                raise ConfigError(f"--{key}: checkpoint {path} was trained with {saved[key]!r}, "
+                                  f"not {getattr(self.cfg, key)!r}")
+        self.method.load_state_dict(state["method"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        for k, s in state["streams"].items():
+            self.streams[k].load_state_dict(s)
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"].cpu())
+        self.generator.set_state(rng["generator"].cpu())
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"].cpu(), self.device)
+        self.step = int(state["step"])
+        self.best_miou = float(state["best_miou"])
+        self._step_t.fill_(self.step)

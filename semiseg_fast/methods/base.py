@@ -1,0 +1,94 @@
+"""The method interface: a method owns its networks, teachers, memory banks and losses.
+
+The engine drives every method the same way, once per iteration:
+
+1. ``augment(batch, generator)`` - eager, on the device: strong views, CutMix boxes, anything random
+   (kept out of the compiled region, where ``torch.Generator`` objects break graphs);
+2. ``losses(batch, progress)`` - the differentiable part (teacher passes under no-grad, student
+   passes, loss terms); it returns a dict of 0-d tensors with the total under ``"loss"``; this is what
+   ``torch.compile`` captures on CUDA;
+3. backward and the optimizer step (engine);
+4. ``after_step(step)`` - no-grad state updates: EMA teachers, memory banks, running statistics.
+
+Several student/teacher pairs (CTT), memory banks (U2PL, CTT) and graph heads (MLLC) are ordinary
+sub-modules and buffers of the method, so ``state_dict`` checkpoints all of them; ``students()``
+lists the networks the optimizer trains and ``teachers()`` those kept in eval mode.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ..config import TrainConfig
+from ..models import build_model
+
+Batch = dict[str, torch.Tensor]
+
+
+class Method(nn.Module):
+    name = "base"
+    #: whether the engine should draw an unlabeled batch each step
+    uses_unlabeled = True
+    #: extra unlabeled batches per step (UniMatch's mixing batch), delivered as x_u1, pad_u1, ...
+    extra_unlabeled_batches = 0
+
+    def __init__(self, cfg: TrainConfig, num_classes: int):
+        super().__init__()
+        self.cfg = cfg
+        self.num_classes = num_classes
+
+    # -- networks ---------------------------------------------------------------------------
+    def build_network(self, **overrides) -> nn.Module:
+        kwargs = dict(
+            arch=self.cfg.arch,
+            num_classes=self.num_classes,
+            backbone=self.cfg.backbone,
+            output_stride=self.cfg.output_stride,
+            deep_stem=self.cfg.deep_stem,
+            pretrained=self.cfg.pretrained,
+        )
+        kwargs.update(overrides)
+        return build_model(**kwargs)
+
+    @staticmethod
+    def make_teacher(student: nn.Module) -> nn.Module:
+        teacher = copy.deepcopy(student)
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        return teacher
+
+    def students(self) -> list[nn.Module]:
+        return [self.student]
+
+    def teachers(self) -> list[nn.Module]:
+        return []
+
+    def eval_model(self) -> nn.Module:
+        """The network whose predictions are evaluated and reported."""
+        return self.student
+
+    def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        backbone, head = [], []
+        for net in self.students():
+            backbone += list(net.backbone_parameters())
+            head += list(net.head_parameters())
+        return backbone, head
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for t in self.teachers():
+            t.eval()
+        return self
+
+    # -- one iteration ------------------------------------------------------------------------
+    def augment(self, batch: Batch, generator: torch.Generator) -> Batch:
+        return batch
+
+    def losses(self, batch: Batch, progress: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def after_step(self, step: int) -> None:
+        pass

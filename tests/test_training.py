@@ -1,0 +1,128 @@
+"""End-to-end engine behaviour on tiny synthetic runs: learning, exact resume, bad input, NaN."""
+import csv
+import json
+
+import pytest
+import torch
+
+from semiseg_fast.cli import main
+from semiseg_fast.config import TrainConfig
+from semiseg_fast.data.registry import SegData
+from semiseg_fast.engine.checkpoint import load_checkpoint
+from semiseg_fast.engine.trainer import Trainer
+from semiseg_fast.errors import DataError, NonFiniteLossError
+
+
+@pytest.fixture(autouse=True)
+def _restore_determinism():
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
+def tiny(tmp_path, **kw) -> TrainConfig:
+    base = dict(num_train=48, num_val=12, image_size=40, crop=32, batch_size=4, iters=6, eval_every=0,
+                ckpt_every=0, log_every=2, progress=False, log_backend="csv", cache_dir=str(tmp_path / "cache"),
+                out=str(tmp_path / "run"), labeled="1/4", eval_batch_size=12)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _logged(run_dir, tag):
+    with open(run_dir / "metrics.csv") as f:
+        return [float(r["value"]) for r in csv.DictReader(f) if r["tag"] == tag]
+
+
+def test_short_supervised_run_learns(tmp_path):
+    cfg = tiny(tmp_path, method="supervised", iters=60, lr=0.05, labeled="1.0", num_train=64, num_val=16,
+               log_every=5, eval_every=60)
+    trainer = Trainer(cfg, echo=lambda *a: None)
+    metrics = trainer.train()
+    losses = _logged(tmp_path / "run", "train/loss")
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:2]) / 2, losses
+    # chance level: the expected mIoU of a uniform random prediction on these labels
+    freq = torch.bincount(trainer.data.val_labels.flatten().long(), minlength=trainer.num_classes).double()
+    freq = freq / freq.sum()
+    c = freq.numel()
+    chance = float(((freq / c) / (freq + 1 / c - freq / c)).mean())
+    assert metrics.miou > 2 * chance, (metrics.miou, chance)
+    assert (tmp_path / "run" / "best.pt").is_file()
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["method"] == "supervised" and saved["iters"] == 60
+
+
+def test_exact_resume_fixmatch(tmp_path):
+    # N iterations in one run == N/2, stop, resume, N/2 more: bit for bit on CPU
+    cfg_a = tiny(tmp_path, method="fixmatch", deterministic=True, out=str(tmp_path / "a"))
+    a = Trainer(cfg_a, echo=lambda *x: None)
+    a.train()
+    cfg_b = tiny(tmp_path, method="fixmatch", deterministic=True, out=str(tmp_path / "b"))
+    Trainer(cfg_b, echo=lambda *x: None).train(max_steps=3)
+    assert load_checkpoint(tmp_path / "b" / "latest.pt")["step"] == 3
+    cfg_b.resume = True
+    b = Trainer(cfg_b, echo=lambda *x: None)
+    assert b.step == 3
+    b.train()
+    sa, sb = a.method.state_dict(), b.method.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    # the teacher really moved (EMA) and differs from the student
+    assert not torch.equal(sa["teacher.decoder.classifier.weight"], sa["student.decoder.classifier.weight"])
+    oa, ob = a.optimizer.state_dict()["state"], b.optimizer.state_dict()["state"]
+    for k in oa:
+        assert torch.equal(oa[k]["momentum_buffer"], ob[k]["momentum_buffer"])
+    assert a.generator.get_state().equal(b.generator.get_state())
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    cfg = tiny(tmp_path, method="supervised", iters=8, ckpt_every=2, log_every=2)
+    trainer = Trainer(cfg, echo=lambda *a: None)
+    clean = trainer._losses
+
+    def poisoned(batch, progress):
+        out = clean(batch, progress)
+        if trainer.step == 2:  # the 3rd iteration
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    trainer._losses = poisoned
+    with pytest.raises(NonFiniteLossError, match="iteration 3"):
+        trainer.train()
+    assert load_checkpoint(tmp_path / "run" / "latest.pt")["step"] == 2
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    cases = [
+        (["--method", "nope"], "--method"),
+        (["--data", "nope"], "--data"),
+        (["--labeled", "0"], "--labeled"),
+        (["--lr", "-1"], "--lr"),
+        (["--root", str(tmp_path / "missing")], "--root"),
+    ]
+    for argv, name in cases:
+        assert main(argv + ["--out", str(tmp_path / "r"), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and name in err and "Traceback" not in err, err
+
+
+def test_labels_outside_class_range_are_refused():
+    labels = torch.zeros(2, 4, 4, dtype=torch.uint8)
+    labels[1, 2, 3] = 9
+    data = SegData(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), labels, torch.zeros(1, 3, 4, 4, dtype=torch.uint8),
+                   torch.full((1, 4, 4), 255, dtype=torch.uint8), num_classes=8, class_names=tuple("abcdefgh"))
+    with pytest.raises(DataError, match="image 1 holds label 9"):
+        data.validate("toy")
+    labels[1, 2, 3] = 255  # the ignore index is fine
+    data.validate("toy")
+
+
+def test_cli_trains_and_prints_miou(tmp_path, capsys):
+    argv = ["--method", "supervised", "--iters", "2", "--num-train", "16", "--num-val", "4", "--image-size", "32",
+            "--crop", "32", "--batch-size", "2", "--out", str(tmp_path / "r"), "--cache-dir", str(tmp_path / "c"),
+            "--no-progress", "--log-backend", "csv"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "mIoU" in out and "background" in out
+    # resuming a finished run evaluates and exits
+    assert main(argv + ["--resume"]) == 0
+    assert "resumed from" in capsys.readouterr().out
