@@ -9,7 +9,6 @@ teacher, student, loss, backward, optimizer, ema, ...); under nsys the same rang
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from pathlib import Path

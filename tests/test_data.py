@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from semiseg_fast.data import DATASETS, SegmentationData, build_dataset
+from semiseg_fast.data import DATASETS, SegData, build_dataset
 from semiseg_fast.data import synthetic
 from semiseg_fast.data.augment import rgb_to_hsv
 from semiseg_fast.data.splits import labeled_count, labeled_split, parse_labeled
@@ -155,11 +155,12 @@ def test_build_dataset_from_config(tmp_path):
         data = "synthetic"
         num_train, num_val, image_size, data_seed = 5, 3, 20, 1
         cache_dir = ""
+        root = None
         progress = False
 
     assert "synthetic" in DATASETS
     data = build_dataset(Cfg)
-    assert isinstance(data, SegmentationData)
+    assert isinstance(data, SegData)
     assert data.train_images.shape == (5, 3, 20, 20) and data.val_labels.shape == (3, 20, 20)
     assert data.num_classes == NUM_CLASSES and list(data.class_names) == list(CLASS_NAMES)
     assert os.listdir(tmp_path) == []

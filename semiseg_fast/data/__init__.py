@@ -1,13 +1,9 @@
 """Data: the embedded synthetic benchmark, labeled/unlabeled splits and batched augmentations.
 
-``build_dataset(cfg)`` is what the trainer calls: it returns a ``SegmentationData`` whose train
-and val tensors (uint8, whole split in one tensor) are moved to the device once.
+``build_dataset(cfg)`` is what the trainer calls: it returns a ``SegData`` whose train and val
+tensors (uint8, whole split in one tensor) are moved to the device once.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
-
-import torch
 
 from .augment import (
     classmix_mask,
@@ -19,6 +15,7 @@ from .augment import (
     u2pl_cutmix_mask,
     weak_augment,
 )
+from .registry import DATASETS, SegData, build_dataset
 from .splits import labeled_split, parse_labeled
 from .synthetic import (
     CLASS_NAMES,
@@ -34,7 +31,7 @@ __all__ = [
     "DATASETS",
     "GENERATOR_VERSION",
     "NUM_CLASSES",
-    "SegmentationData",
+    "SegData",
     "SyntheticSegmentation",
     "build_dataset",
     "classmix_mask",
@@ -50,38 +47,3 @@ __all__ = [
     "u2pl_cutmix_mask",
     "weak_augment",
 ]
-
-
-@dataclass
-class SegmentationData:
-    """Both splits of a data set: images uint8 [N, 3, H, W], labels uint8 [N, H, W] (255 = ignore)."""
-
-    train_images: torch.Tensor
-    train_labels: torch.Tensor
-    val_images: torch.Tensor
-    val_labels: torch.Tensor
-    num_classes: int
-    class_names: list[str]
-    ignore_index: int = 255
-
-
-def _build_synthetic(cfg) -> SegmentationData:
-    cache_dir = getattr(cfg, "cache_dir", None) or None  # '' disables the cache
-    progress = bool(getattr(cfg, "progress", False))
-    common = dict(size=cfg.image_size, seed=cfg.data_seed, cache_dir=cache_dir, progress=progress)
-    train = load_synthetic("train", cfg.num_train, **common)
-    val = load_synthetic("val", cfg.num_val, **common)
-    return SegmentationData(train.images, train.labels, val.images, val.labels,
-                            train.num_classes, list(train.class_names), train.ignore_index)
-
-
-#: Data set name -> builder taking the training config.
-DATASETS = {"synthetic": _build_synthetic}
-
-
-def build_dataset(cfg) -> SegmentationData:
-    """The data set named ``cfg.data`` (fields used by "synthetic": num_train, num_val,
-    image_size, data_seed, cache_dir, progress)."""
-    if cfg.data not in DATASETS:
-        raise ValueError(f"data: expected one of {sorted(DATASETS)}, got {cfg.data!r}")
-    return DATASETS[cfg.data](cfg)

@@ -38,8 +38,8 @@ def _synthetic(cfg) -> SegData:
     if cfg.root:
         raise ConfigError("--root: the synthetic data set is generated, it takes no root folder")
     cache = cfg.cache_dir or None
-    train = load_synthetic("train", cfg.num_train, cfg.image_size, seed=cfg.data_seed, cache_dir=cache, progress=True)
-    val = load_synthetic("val", cfg.num_val, cfg.image_size, seed=cfg.data_seed, cache_dir=cache, progress=True)
+    train = load_synthetic("train", cfg.num_train, cfg.image_size, seed=cfg.data_seed, cache_dir=cache, progress=cfg.progress)
+    val = load_synthetic("val", cfg.num_val, cfg.image_size, seed=cfg.data_seed, cache_dir=cache, progress=cfg.progress)
     return SegData(train.images, train.labels, val.images, val.labels, train.num_classes, tuple(train.class_names))
 
 

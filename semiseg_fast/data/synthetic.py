@@ -40,12 +40,12 @@ from __future__ import annotations
 import math
 import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from ..fileio import atomic_save
 from .augment import hsv_to_rgb
 
 __all__ = [
@@ -454,23 +454,6 @@ def _read_cache(path: str, num_images: int, height: int, width: int) -> tuple[to
     return images, labels
 
 
-def _write_atomic(path: str, obj: dict) -> None:
-    """Readers see either no file or a complete one, even if this process dies mid-write."""
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".pt")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def load_synthetic(
     split: str,
     num_images: int,
@@ -496,7 +479,7 @@ def load_synthetic(
         images, labels = generate_scenes(seed, range(offset, offset + num_images), (height, width),
                                          progress=split if progress else None)
         if path:
-            _write_atomic(path, {"images": images, "labels": labels, "version": GENERATOR_VERSION})
+            atomic_save({"images": images, "labels": labels, "version": GENERATOR_VERSION}, path)
     else:
         images, labels = cached
     return SyntheticSegmentation(images, labels, split, seed, cache_path=path)

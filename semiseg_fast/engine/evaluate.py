@@ -58,7 +58,7 @@ class SegMetrics:
         return SegMetrics(iou=iou.tolist(), miou=miou, pixel_acc=acc, confusion=mat.long())
 
     def table(self, class_names: list[str] | None = None) -> str:
-        names = class_names or [f"class {i}" for i in range(len(self.iou))]
+        names = list(class_names or [f"class {i}" for i in range(len(self.iou))])
         width = max(len(n) for n in names + ["mIoU"])
         lines = [f"{'class':<{width}}  IoU (%)"]
         lines += [f"{n:<{width}}  {100 * v:6.2f}" for n, v in zip(names, self.iou)]

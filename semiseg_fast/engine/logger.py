@@ -22,22 +22,24 @@ class ScalarLogger:
                 if backend == "tensorboard":
                     raise ImportError("log backend 'tensorboard' needs the tensorboard package") from None
         self.backend = "tensorboard" if self._tb is not None else "csv"
-        # The CSV is written in both cases: it is what tests and scripts read back.
+        # The CSV is written in both cases: it is what tests and scripts read back. It is opened per
+        # call (every log_every iterations), so no handle outlives a crash or a finished run.
         self._csv_path = self.run_dir / "metrics.csv"
-        self._csv = open(self._csv_path, "a", newline="")
-        self._writer = csv.writer(self._csv)
-        if self._csv_path.stat().st_size == 0:
-            self._writer.writerow(["step", "tag", "value"])
+        if not self._csv_path.is_file() or self._csv_path.stat().st_size == 0:
+            with open(self._csv_path, "w", newline="") as f:
+                csv.writer(f).writerow(["step", "tag", "value"])
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
-        for tag, value in scalars.items():
-            value = float(value)
-            self._writer.writerow([step, tag, f"{value:.6g}"])
-            if self._tb is not None:
-                self._tb.add_scalar(tag, value, step)
-        self._csv.flush()
+        with open(self._csv_path, "a", newline="") as f:
+            writer = csv.writer(f)
+            for tag, value in scalars.items():
+                writer.writerow([step, tag, f"{float(value):.6g}"])
+        if self._tb is not None:
+            for tag, value in scalars.items():
+                self._tb.add_scalar(tag, float(value), step)
+            self._tb.flush()
 
     def close(self) -> None:
-        self._csv.close()
         if self._tb is not None:
             self._tb.close()
+            self._tb = None

@@ -203,7 +203,6 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
-            self.logger.close()
         return self.last_metrics
 
     def run_eval(self) -> SegMetrics:
