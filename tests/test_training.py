@@ -126,3 +126,15 @@ def test_cli_trains_and_prints_miou(tmp_path, capsys):
     # resuming a finished run evaluates and exits
     assert main(argv + ["--resume"]) == 0
     assert "resumed from" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("method", ["supervised", "fixmatch"])
+def test_method_losses_capture_in_one_graph(tmp_path, method):
+    # fullgraph=True fails on any graph break; aot_eager checks capture and autograd without
+    # paying for inductor code generation on the CPU
+    trainer = Trainer(tiny(tmp_path, method=method, iters=2), echo=lambda *a: None)
+    eager = trainer._losses
+    torch._dynamo.reset()
+    trainer._losses = torch.compile(eager, fullgraph=True, backend="aot_eager")
+    out = trainer.train_step()
+    assert torch.isfinite(out["loss"]).item()
