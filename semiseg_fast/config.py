@@ -13,8 +13,8 @@ from .errors import ConfigError
 @dataclass
 class TrainConfig:
     # what to train
-    method: str = field(default="fixmatch", metadata={"help": "training method (see --help for the list)"})
-    data: str = field(default="synthetic", metadata={"help": "data set name"})
+    method: str = field(default="fixmatch", metadata={"help": "training method (the list is at the end of --help)"})
+    data: str = field(default="synthetic", metadata={"help": "data set name (the list is at the end of --help)"})
     root: str | None = field(default=None, metadata={"help": "data set root folder (real data sets)"})
     labeled: str = field(default="1/16", metadata={"help": "labeled fraction ('1/16', '0.25') or count ('92')"})
     # synthetic data set
