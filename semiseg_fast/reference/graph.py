@@ -1,0 +1,194 @@
+"""MLLC graph propagation, one image (spec/methods.md 5b, official ``G2Net.forward``).
+
+Nodes are the N = h*w pixels in row-major order. Dense N x N matrices throughout: this is the
+specification, not the O(N k) implementation.
+
+Semantic graph (no gradient): F^ = F / (|F| + 1e-9), S = max(0, F^ F^^T), theta_i = k-th largest
+entry of row i counted with multiplicity (the official ``sort(descending)[:, k-1]``), S'_ij = S_ij
+if S_ij >= theta_i else 0, A = S' + S'^T, d = (rowsum A + 1e-10)^-1/2, A^ = (d_i d_j) A_ij
+(exactly symmetric: the Gram matrices are mirrored from one triangle; Q^ is normalised alike).
+Tie rule: every entry equal to theta_i is kept, so a row may keep more than k entries (ties at
+the k-th value, including the case theta_i = 0, where the extra kept entries are zeros anyway).
+The rule depends on values only, never on a sort order, so any exact top-k agrees with it.
+
+Class graph (no gradient): P2^ = P2 / (|P2| + 1e-9), Q_ij = max(0, P2^_i . P2^_j) M_ij,
+e = (rowsum Q + 1e-10)^-1/2, Q^ = e_i Q_ij e_j. M is label equality [y_i = y_j] by default
+(the paper's intent); ``official_layout=True`` reproduces the official code's scrambled mask
+M_ij = [cos(OH'_i, OH'_j) != 0] with OH' = reshape(permute(onehot(y)[h, w, C] -> [w, C, h]),
+[N, C]). With h = 1 the scramble is the identity; with w = 1 (or general h, w) it is not.
+
+Layer: (Z'', F'') = graph_propagate(Z, F, ...) with gradients to Z through A^ Z and to F through
+Q^ F only; confidence mask, labels, S, A and Q are computed under no-grad as in the official code.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as nnf
+from torch import Tensor
+
+Conv = Callable[[Tensor], Tensor]
+
+
+def _unit_rows(x: Tensor) -> Tensor:
+    return x / (torch.norm(x, dim=1, keepdim=True) + 1e-9)
+
+
+def _clamped_gram(x_unit: Tensor) -> Tensor:
+    gram = x_unit @ x_unit.T
+    # A GEMM may round G_ij and G_ji differently; mirroring one triangle makes the graphs (and
+    # hence A^ and Q^) exactly symmetric, which the transpose-free backward relies on.
+    gram = torch.triu(gram) + torch.triu(gram, diagonal=1).T
+    # Literal official ``dist[dist < 0] = 0`` (keeps NaN and -0.0 as they are).
+    return torch.where(gram < 0, torch.zeros_like(gram), gram)
+
+
+def _sym_normalise(adj: Tensor) -> Tensor:
+    d = torch.pow(adj.sum(dim=1) + 1e-10, -0.5)
+    # (d_i d_j) A_ij keeps the result bitwise symmetric, so the backward (which needs A^T) can
+    # reuse A; the official diag-matmul pair rounds as (d_i A_ij) d_j, at most 1 ulp away.
+    return (d[:, None] * d[None, :]) * adj
+
+
+def semantic_graph(F: Tensor, k: int = 21) -> Tensor:
+    """Normalised symmetric kNN graph A^ [N, N] of node features F [N, D] (no gradient)."""
+    if F.dim() != 2 or not F.is_floating_point():
+        raise ValueError(f"F: expected floating [N, D], got {F.dtype} {tuple(F.shape)}")
+    n = F.shape[0]
+    if not 1 <= k <= n:
+        raise ValueError(f"k: expected 1 <= k <= N = {n} nodes, got k={k}")
+    with torch.no_grad():
+        sim = _clamped_gram(_unit_rows(F.detach()))
+        theta = torch.topk(sim, k, dim=1).values[:, k - 1 : k]
+        kept = torch.where(sim < theta, torch.zeros_like(sim), sim)
+        return _sym_normalise(kept + kept.T)
+
+
+def official_onehot(y: Tensor, num_classes: int, h: int, w: int) -> Tensor:
+    """The official code's scrambled one-hot OH' [N, C] (permute [h, w, C] -> [w, C, h])."""
+    onehot = nnf.one_hot(y.reshape(h, w), num_classes)
+    return onehot.permute(1, 2, 0).reshape(h * w, num_classes)
+
+
+def _check_layout(n: int, official_layout: bool, h: int | None, w: int | None) -> None:
+    if (h is None) != (w is None):
+        raise ValueError("h, w: give both or neither")
+    if h is not None and h * w != n:
+        raise ValueError(f"h, w: expected h * w = N = {n}, got {h} * {w}")
+    if official_layout and h is None:
+        raise ValueError("h, w: official_layout=True needs the map size h, w")
+
+
+def class_graph(P2: Tensor, y: Tensor, official_layout: bool = False, h: int | None = None,
+                w: int | None = None) -> Tensor:
+    """Normalised class graph Q^ [N, N] from probabilities P2 [N, C] and labels y [N]."""
+    if P2.dim() != 2 or not P2.is_floating_point():
+        raise ValueError(f"P2: expected floating [N, C], got {P2.dtype} {tuple(P2.shape)}")
+    n, c = P2.shape
+    if y.shape != (n,) or y.dtype not in (torch.int32, torch.int64) or y.device != P2.device:
+        raise ValueError(f"y: expected int64 [N] = [{n}] on {P2.device}, got {y.dtype} "
+                         f"{tuple(y.shape)} on {y.device}")
+    _check_layout(n, official_layout, h, w)
+    with torch.no_grad():
+        q = _clamped_gram(_unit_rows(P2.detach()))
+        if official_layout:
+            oh = official_onehot(y.long(), c, h, w).to(P2.dtype)
+            q = torch.where(_clamped_gram(_unit_rows(oh)) == 0, torch.zeros_like(q), q)
+        else:
+            q = torch.where(y[:, None] == y[None, :], q, torch.zeros_like(q))
+        return _sym_normalise(q)
+
+
+def class_graph_lowrank(P2: Tensor, y: Tensor, X: Tensor) -> Tensor:
+    """Q^ X for the intended (label-equality) mask in O(N C D), without any N x N matrix.
+
+    P2 >= 0 makes the clamp inactive, so Q is block-diagonal with rank-C blocks:
+    (Q^ X)_i = e_i P2^_i . sum_{j: y_j = y_i} P2^_j (e_j X_j)^T,
+    e_i = (P2^_i . s_{y_i} + 1e-10)^-1/2 with s_c = sum_{j: y_j = c} P2^_j.
+    Differentiable in X; P2 and y carry no gradient. Equal to ``class_graph(P2, y) @ X`` up to
+    rounding (sums are regrouped).
+    """
+    if P2.dim() != 2 or y.shape != P2.shape[:1] or X.dim() != 2 or X.shape[0] != P2.shape[0]:
+        raise ValueError(f"P2, y, X: expected [N, C], [N], [N, D], got {tuple(P2.shape)}, "
+                         f"{tuple(y.shape)}, {tuple(X.shape)}")
+    c = P2.shape[1]
+    unit = _unit_rows(P2.detach())
+    y = y.long()
+    class_sums = unit.new_zeros(c, c).index_add_(0, y, unit)
+    e = torch.pow((unit * class_sums[y]).sum(dim=1) + 1e-10, -0.5)
+    scaled = e[:, None] * X
+    # blocks[c] = sum over nodes of class c of P2^_j (e_j X_j)^T, one [C, D] matrix per class.
+    blocks = X.new_zeros(c, c, X.shape[1]).index_add_(0, y, unit[:, :, None] * scaled[:, None, :])
+    return e[:, None] * torch.einsum("nc,ncd->nd", unit, blocks[y])
+
+
+def _confidence_mask(Z: Tensor, eta: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
+    """m_i = [conf_i >= threshold or conf_i >= eta_{y_i}] and y (first maximum on ties)."""
+    conf, y = torch.max(torch.softmax(Z, dim=1), dim=1)
+    return (conf >= threshold) | (conf >= eta[y]), y
+
+
+def _pointwise(conv: Conv, x: Tensor, h: int, w: int) -> Tensor:
+    """Apply a 1x1-conv callable on NCHW [1, ch, h, w] to node rows x [N, ch]."""
+    out = conv(x.T.reshape(1, x.shape[1], h, w))
+    return out.reshape(out.shape[1], h * w).T
+
+
+def graph_propagate(Z: Tensor, F: Tensor, eta: Tensor, conv_z: Conv, conv_f: Conv, k: int = 21,
+                    official_layout: bool = False, h: int | None = None,
+                    w: int | None = None, threshold: float = 0.95) -> tuple[Tensor, Tensor]:
+    """One G2Net layer on one image: Z [N, C] logits, F [N, D] embeddings, eta [C] thresholds.
+
+    conv_z / conv_f are callables on NCHW tensors [1, ch, h, w] (e.g. the official nn.Sequential
+    of 1x1 convs); without h, w the map is passed as [1, ch, N, 1], which is the same for 1x1
+    convs. Returns (Z'', F'') as [N, C'] and [N, D'].
+    """
+    if Z.dim() != 2 or F.dim() != 2 or Z.shape[0] != F.shape[0]:
+        raise ValueError(
+            f"Z, F: expected [N, C] and [N, D], got {tuple(Z.shape)}, {tuple(F.shape)}")
+    if F.dtype != Z.dtype or not Z.is_floating_point():
+        raise ValueError(f"Z, F: expected one floating dtype, got {Z.dtype}, {F.dtype}")
+    n, c = Z.shape
+    if eta.shape != (c,) or eta.device != Z.device:
+        raise ValueError(f"eta: expected [C] = [{c}] on {Z.device}, got {tuple(eta.shape)} "
+                         f"on {eta.device}")
+    _check_layout(n, official_layout, h, w)
+    hh, ww = (n, 1) if h is None else (h, w)
+
+    with torch.no_grad():
+        mask, y = _confidence_mask(Z.detach(), eta, threshold)
+        m = mask.to(Z.dtype)[:, None]
+        a_hat = semantic_graph(F, k)
+    z_graph = a_hat @ Z
+    # Official operation order: (0.8 A^Z + 0.2 Z)(1 - m) + (0.2 A^Z + 0.8 Z) m.
+    z_mixed = (0.8 * z_graph + 0.2 * Z) * (1 - m) + (0.2 * z_graph + 0.8 * Z) * m
+    z_out = _pointwise(conv_z, z_mixed, hh, ww)
+
+    with torch.no_grad():
+        q_hat = class_graph(torch.softmax(z_out.detach(), dim=1), y, official_layout, h, w)
+    f_out = _pointwise(conv_f, q_hat @ F, hh, ww)
+    return z_out, f_out
+
+
+def graph_propagate_grad(a_hat: Tensor, q_hat: Tensor, mask: Tensor, grad_z_mixed: Tensor,
+                         grad_f_graph: Tensor) -> tuple[Tensor, Tensor]:
+    """Closed-form input gradients of the layer (spec 5b), given the graphs and the gradients
+    g at Z' (before conv_z) and at F' (before conv_f):
+    dZ = A^ (l1 g) + l2 g with l1 = 0.2 m + 0.8 (1 - m), l2 = 0.8 m + 0.2 (1 - m); dF = Q^ g.
+    Both graphs are symmetric, so no transpose is needed.
+    """
+    m = mask.to(grad_z_mixed.dtype)[:, None]
+    l1 = 0.2 * m + 0.8 * (1 - m)
+    l2 = 0.8 * m + 0.2 * (1 - m)
+    return a_hat @ (l1 * grad_z_mixed) + l2 * grad_z_mixed, q_hat @ grad_f_graph
+
+
+__all__ = [
+    "class_graph",
+    "class_graph_lowrank",
+    "graph_propagate",
+    "graph_propagate_grad",
+    "official_onehot",
+    "semantic_graph",
+]
