@@ -1,0 +1,45 @@
+"""Public differentiable ops of the four hot paths (spec/methods.md section 5).
+
+``from semiseg_fast import ops`` gives the losses and statistics as ``torch.library`` custom ops
+(namespace ``semiseg``) with fake and autograd registrations, so they run eagerly, under
+``torch.compile(fullgraph=True)`` and with ``torch.library.opcheck``:
+
+=========================  =====================================================  ============
+Python entry               custom ops                                             gradient
+=========================  =====================================================  ============
+``spatial_kl``             ``spatial_kl`` (+ ``_backward``)                       closed form
+``entropy_percentile``     ``entropy_percentile``                                 none
+``percentile``             ``percentile``                                         none
+``rank_mask``              ``rank_mask``                                          none
+``sampled_contrast``       ``sampled_contrast`` (+ ``_backward``)                 closed form
+``class_bank_contrast``    ``class_bank_contrast`` (+ ``_backward``)              closed form
+``graph_propagate``        ``graph_mix``, ``class_propagate`` (+ ``_backward``)   closed form
+=========================  =====================================================  ============
+
+Every entry validates its inputs in Python (errors name the argument), takes explicit index
+tensors where the method samples, and picks its implementation through one switch:
+``impl=`` on the call, the :func:`use_impl` context, or ``SEMISEG_IMPL`` ("auto", "reference",
+"triton"; see ``_dispatch``). Until the fused kernels land (``kernels/``), "auto" runs the
+references everywhere and "triton" raises NotImplementedError naming the op.
+"""
+from ._dispatch import IMPLS, register_kernel, requested_mode, use_impl
+from .contrast import class_bank_contrast, sampled_contrast
+from .entropy_percentile import entropy_percentile, percentile, rank_mask
+from .graph import class_propagate, graph_mix, graph_propagate
+from .spatial_kl import spatial_kl
+
+__all__ = [
+    "IMPLS",
+    "class_bank_contrast",
+    "class_propagate",
+    "entropy_percentile",
+    "graph_mix",
+    "graph_propagate",
+    "percentile",
+    "rank_mask",
+    "register_kernel",
+    "requested_mode",
+    "sampled_contrast",
+    "spatial_kl",
+    "use_impl",
+]

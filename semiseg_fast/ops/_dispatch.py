@@ -1,0 +1,236 @@
+"""The one switch between fused kernels and references, and the checks every op shares.
+
+Mode resolution (first that is set wins):
+
+1. the ``impl=`` argument of a public op,
+2. the innermost :func:`use_impl` context,
+3. the environment variable ``SEMISEG_IMPL``,
+4. ``"auto"``.
+
+``"reference"`` runs ``semiseg_fast.reference``; ``"triton"`` runs the registered fused kernel
+(on CPU through the Triton interpreter) and fails up front, naming the op, when there is none;
+``"auto"`` runs the fused kernel for CUDA tensors when one is registered and the reference
+otherwise.
+
+Kernels plug in without touching the ops: a module ``kernels/<hot path>.py`` (importable as
+``semiseg_fast.kernels.<hot path>``) defines ``LAUNCHERS = {"<op name>": launcher, ...}``. The
+modules are imported once, when ``semiseg_fast.ops`` is imported, so that the lookup a public op
+does while torch.compile traces it is a plain dict read (an import would break the graph). The
+kernel modules never import ``semiseg_fast.ops``: the arrow stays ``kernels <- ops``. A launcher
+takes the same arguments as the op's reference body (listed in each op module) and receives
+contiguous tensors.
+
+Eager calls read ``SEMISEG_IMPL`` at every call. Compiled graphs fix the mode when traced:
+``use_impl`` sets a module global that dynamo guards (entering or leaving a context re-traces),
+and they see ``SEMISEG_IMPL`` as it was when ``semiseg_fast.ops`` was imported (set it in the
+shell for A/B runs; switch inside a process with ``use_impl`` or ``impl=``). The mode is
+process-wide, not per thread.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import math
+import os
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+IMPLS = ("auto", "reference", "triton")
+ENV_VAR = "SEMISEG_IMPL"
+
+# Hot-path modules, named alike under semiseg_fast/ops/ and kernels/.
+HOT_PATHS = ("spatial_kl", "entropy_percentile", "contrast", "graph")
+
+KERNELS: dict[str, Callable] = {}
+_IMPORT_ERRORS: dict[str, str] = {}
+_override: str | None = None
+
+
+def register_kernel(op: str, launcher: Callable) -> None:
+    """Make ``launcher`` the fused implementation of ``semiseg::<op>``."""
+    if not callable(launcher):
+        raise TypeError(f"launcher: expected a callable for op {op!r}, got {type(launcher)}")
+    KERNELS[op] = launcher
+
+
+def _discover_kernels() -> None:
+    for path in HOT_PATHS:
+        name = f"semiseg_fast.kernels.{path}"
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except ImportError:  # no semiseg_fast.kernels package at all
+            return
+        except ValueError:  # already in sys.modules without a spec: take it as it is
+            found = True
+        if not found:
+            continue
+        try:
+            module = importlib.import_module(name)
+        except ImportError as exc:  # triton missing (macOS, Windows): references only
+            _IMPORT_ERRORS[path] = f"{name} failed to import ({exc})"
+            continue
+        for op, launcher in getattr(module, "LAUNCHERS", {}).items():
+            register_kernel(op, launcher)
+
+
+def _check_mode(mode: object, source: str) -> str:
+    if mode not in IMPLS:
+        raise ValueError(f"{source}: expected one of {IMPLS}, got {mode!r}")
+    return mode
+
+
+@contextlib.contextmanager
+def use_impl(mode: str) -> Iterator[None]:
+    """Run the ops inside the block with ``mode`` ("reference", "triton" or "auto")."""
+    global _override
+    _check_mode(mode, "use_impl")
+    previous, _override = _override, mode
+    try:
+        yield
+    finally:
+        _override = previous
+
+
+# What compiled graphs see of the environment variable (dynamo reads this global as a guarded
+# constant). Tracing os.environ itself is not supported by every torch version, and
+# torch.compiler.assume_constant_result would import torch._dynamo (1.5 s) on every import.
+_ENV_AT_IMPORT = os.environ.get(ENV_VAR, "")
+
+
+def _env_mode() -> str:
+    if torch.compiler.is_compiling():
+        return _ENV_AT_IMPORT
+    return os.environ.get(ENV_VAR, "")
+
+
+def requested_mode(impl: str | None = None) -> str:
+    """The mode an op called with ``impl`` runs in (argument, context, env var, "auto")."""
+    if impl is not None:
+        return _check_mode(impl, "impl")
+    if _override is not None:
+        return _override
+    env = _env_mode()
+    return _check_mode(env, ENV_VAR) if env else "auto"
+
+
+def _missing_kernel(op: str, hot_path: str) -> NotImplementedError:
+    why = _IMPORT_ERRORS.get(hot_path) or (
+        f"the fused Triton kernel does not exist yet: it lands with its kernel issue "
+        f"(kernels/{hot_path}.py registering {op!r} in LAUNCHERS)")
+    return NotImplementedError(
+        f"semiseg::{op}: the 'triton' implementation was requested (impl=, use_impl or "
+        f"{ENV_VAR}) but there is no kernel to run; {why}. Use 'reference' or 'auto' meanwhile.")
+
+
+class HotPath:
+    """Dispatch for the ops of one hot path (``kernels/<name>.py`` provides their kernels)."""
+
+    def __init__(self, name: str) -> None:
+        if name not in HOT_PATHS:
+            raise ValueError(f"name: expected one of {HOT_PATHS}, got {name!r}")
+        self.name = name
+
+    def resolve(self, impl: str | None, *ops: str) -> str:
+        """Mode for a call that will run ``ops`` (forward and backward): checked up front, so
+        "triton" without a kernel fails before anything runs, not halfway through backward."""
+        mode = requested_mode(impl)
+        if mode == "triton":
+            for op in ops:
+                if op not in KERNELS:
+                    raise _missing_kernel(op, self.name)
+        return mode
+
+    def launch(self, op: str, mode: str, device: torch.device, reference: Callable, *args):
+        """Run ``op`` on ``args`` with its kernel or ``reference``, as ``mode`` and ``device`` say.
+
+        Called inside the custom ops, where it runs eagerly (torch.compile keeps the op opaque).
+        Tensors are made contiguous first (a copy only for strided inputs): the layout kernels
+        index, and the one the fake registrations promise for the outputs.
+        """
+        launcher = None
+        if mode == "triton" or (mode == "auto" and device.type == "cuda"):
+            launcher = KERNELS.get(op)
+            if launcher is None and mode == "triton":
+                raise _missing_kernel(op, self.name)
+        args = tuple(a.contiguous() if isinstance(a, Tensor) else a for a in args)
+        return (launcher or reference)(*args)
+
+
+# ------------------------------------------------------------------------------------------------
+# Precision policy and input checks shared by the op modules
+# ------------------------------------------------------------------------------------------------
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """References run bf16/fp16 inputs in float32 (the kernels accumulate in float32 too)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def check_tensor(name: str, x: object) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+
+
+def check_float(name: str, x: object, layout: str, ndim: int) -> None:
+    """A floating tensor of ``ndim`` dimensions described as ``layout`` (e.g. "[N, D]")."""
+    check_tensor(name, x)
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected float16, bfloat16, float32 or float64, got {x.dtype}")
+    if x.dim() != ndim:
+        raise ValueError(f"{name}: expected {layout}, got shape {tuple(x.shape)}")
+
+
+def check_like(name: str, x: object, ref_name: str, ref: Tensor, *, dtype: bool = True) -> None:
+    """Same device (and dtype unless ``dtype=False``) as ``ref``: nothing is cast or moved."""
+    check_tensor(name, x)
+    if dtype and x.dtype != ref.dtype:
+        raise TypeError(f"{name}: expected the dtype of {ref_name} ({ref.dtype}), got {x.dtype}")
+    if x.device != ref.device:
+        raise ValueError(f"{name}: expected the device of {ref_name} ({ref.device}), "
+                         f"got {x.device}")
+
+
+def check_shape(name: str, x: Tensor, shape: Sequence[int], layout: str) -> None:
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected {layout} = {tuple(shape)}, got {tuple(x.shape)}")
+
+
+def check_dtype(name: str, x: Tensor, dtypes: Sequence[torch.dtype]) -> None:
+    if x.dtype not in dtypes:
+        names = " or ".join(str(d) for d in dtypes)
+        raise TypeError(f"{name}: expected {names}, got {x.dtype}")
+
+
+def check_real(name: str, value: object) -> float:
+    """A Python real number (bool is not one); returned as float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a Python number, got {type(value).__name__}")
+    return float(value)
+
+
+def check_positive(name: str, value: object) -> float:
+    value = check_real(name, value)
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name}: expected a finite number > 0, got {value}")
+    return value
+
+
+def check_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected a Python int, got {type(value).__name__}")
+    return value
+
+
+def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+_discover_kernels()

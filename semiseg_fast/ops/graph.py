@@ -1,0 +1,278 @@
+"""MLLC graph propagation (one G2Net layer on one image) as custom ops (spec/methods.md 5b).
+
+Custom ops cannot take the layer's 1x1-conv modules, and the class graph of the second half is
+built from the *output* of ``conv_z``, so the layer is two ops with the convs applied between
+and after them, in Python, by :func:`graph_propagate`:
+
+    Z', y, m = semiseg::graph_mix(Z, F, eta)        Z' = m (0.2 A^Z + 0.8 Z)
+                                                           + (1 - m)(0.8 A^Z + 0.2 Z)
+    Z''      = conv_z(Z')                           (autograd of the module)
+    F'       = semiseg::class_propagate(Z'', y, F)  F' = Q^ F, Q^ from softmax(Z'') and y
+    F''      = conv_f(F')                           (autograd of the module)
+
+A^ (semantic kNN graph of F), the confidence mask m, the labels y and Q^ are computed without
+gradient as in the official code. The backward ops use the reference's closed form
+:func:`semiseg_fast.reference.graph_propagate_grad` (dZ = A^(l1 g) + l2 g, dF = Q^ g; both graphs
+symmetric); each op owns one half of it. No N x N matrix crosses an op boundary, so the
+backward recomputes its graph from the saved inputs (the fused kernels will keep an O(N k)
+CSR instead). F gets its gradient through ``class_propagate`` only; Z'' feeds that op as a
+constant.
+
+Precision: float32/float64 compute in their own dtype; bf16/fp16 compute in float32 and
+results and gradients come back in the input dtype.
+
+Kernel launcher signatures (``LAUNCHERS`` of kernels/graph.py):
+``graph_mix(Z, F, eta, k, threshold) -> (Z', y, m)``, ``graph_mix_backward(grad, F, mask, k) ->
+dZ``, ``class_propagate(logits, y, F, official_layout, h, w) -> F'``,
+``class_propagate_backward(grad, logits, y, official_layout, h, w) -> dF``.
+"""
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from .. import reference as ref
+from . import _dispatch as d
+
+_PATH = d.HotPath("graph")
+
+Conv = Callable[[Tensor], Tensor]
+
+
+def _z_grad(a_hat: Tensor, mask: Tensor, grad: Tensor) -> Tensor:
+    # The F half of the closed form gets an empty graph: it belongs to class_propagate.
+    return ref.graph_propagate_grad(a_hat, a_hat[:, :0], mask, grad, grad[:0])[0]
+
+
+def _f_grad(q_hat: Tensor, grad: Tensor) -> Tensor:
+    # The Z half of the closed form gets empty operands: it belongs to graph_mix.
+    no_mask = torch.zeros(0, dtype=torch.bool, device=grad.device)
+    return ref.graph_propagate_grad(q_hat[:0, :0], q_hat, no_mask, grad[:0, :0], grad)[1]
+
+
+def _reference_mix(Z: Tensor, F: Tensor, eta: Tensor, k: int,
+                   threshold: float) -> tuple[Tensor, Tensor, Tensor]:
+    dt = d.compute_dtype(Z.dtype)
+    z = Z.to(dt)
+    # The reference layer's confidence rule: first maximum on ties, eta compared as given.
+    conf, y = torch.max(torch.softmax(z, dim=1), dim=1)
+    mask = (conf >= threshold) | (conf >= eta[y])
+    a_hat = ref.semantic_graph(F.to(dt), k)
+    z_graph = a_hat @ z
+    m = mask.to(dt)[:, None]
+    # Official operation order: (0.8 A^Z + 0.2 Z)(1 - m) + (0.2 A^Z + 0.8 Z) m.
+    mixed = (0.8 * z_graph + 0.2 * z) * (1 - m) + (0.2 * z_graph + 0.8 * z) * m
+    return mixed.to(Z.dtype), y, mask
+
+
+def _reference_mix_backward(grad: Tensor, F: Tensor, mask: Tensor, k: int) -> Tensor:
+    dt = d.compute_dtype(grad.dtype)
+    a_hat = ref.semantic_graph(F.to(dt), k)
+    return _z_grad(a_hat, mask, grad.to(dt)).to(grad.dtype)
+
+
+def _class_graph(logits: Tensor, y: Tensor, official_layout: bool, h: int | None,
+                 w: int | None) -> Tensor:
+    return ref.class_graph(torch.softmax(logits, dim=1), y, official_layout, h, w)
+
+
+def _reference_propagate(logits: Tensor, y: Tensor, F: Tensor, official_layout: bool,
+                         h: int | None, w: int | None) -> Tensor:
+    dt = d.compute_dtype(F.dtype)
+    q_hat = _class_graph(logits.to(dt), y, official_layout, h, w)
+    return (q_hat @ F.to(dt)).to(F.dtype)
+
+
+def _reference_propagate_backward(grad: Tensor, logits: Tensor, y: Tensor,
+                                  official_layout: bool, h: int | None,
+                                  w: int | None) -> Tensor:
+    dt = d.compute_dtype(grad.dtype)
+    q_hat = _class_graph(logits.to(dt), y, official_layout, h, w)
+    return _f_grad(q_hat, grad.to(dt)).to(grad.dtype)
+
+
+@torch.library.custom_op("semiseg::graph_mix", mutates_args=())
+def _mix_op(Z: Tensor, F: Tensor, eta: Tensor, k: int, threshold: float,
+            impl: str) -> tuple[Tensor, Tensor, Tensor]:
+    return _PATH.launch("graph_mix", impl, Z.device, _reference_mix, Z, F, eta, k, threshold)
+
+
+@_mix_op.register_fake
+def _(Z, F, eta, k, threshold, impl):
+    n = Z.shape[0]
+    return (Z.new_empty(Z.shape), Z.new_empty((n,), dtype=torch.int64),
+            Z.new_empty((n,), dtype=torch.bool))
+
+
+@torch.library.custom_op("semiseg::graph_mix_backward", mutates_args=())
+def _mix_backward_op(grad: Tensor, F: Tensor, mask: Tensor, k: int, impl: str) -> Tensor:
+    return _PATH.launch("graph_mix_backward", impl, grad.device, _reference_mix_backward,
+                        grad, F, mask, k)
+
+
+@_mix_backward_op.register_fake
+def _(grad, F, mask, k, impl):
+    return grad.new_empty(grad.shape)
+
+
+def _mix_setup(ctx, inputs, output):
+    _, F, _, k, _, impl = inputs
+    ctx.save_for_backward(F, output[2])
+    ctx.config = (k, impl)
+
+
+def _mix_backward(ctx, grad_mixed, grad_y, grad_mask):
+    F, mask = ctx.saved_tensors
+    k, impl = ctx.config
+    grad_z = None
+    if ctx.needs_input_grad[0] and grad_mixed is not None:
+        grad_z = torch.ops.semiseg.graph_mix_backward(grad_mixed, F, mask, k, impl)
+    return grad_z, None, None, None, None, None
+
+
+_mix_op.register_autograd(_mix_backward, setup_context=_mix_setup)
+
+
+@torch.library.custom_op("semiseg::class_propagate", mutates_args=())
+def _propagate_op(logits: Tensor, y: Tensor, F: Tensor, official_layout: bool,
+                  h: int | None, w: int | None, impl: str) -> Tensor:
+    return _PATH.launch("class_propagate", impl, F.device, _reference_propagate,
+                        logits, y, F, official_layout, h, w)
+
+
+@_propagate_op.register_fake
+def _(logits, y, F, official_layout, h, w, impl):
+    return F.new_empty(F.shape)
+
+
+@torch.library.custom_op("semiseg::class_propagate_backward", mutates_args=())
+def _propagate_backward_op(grad: Tensor, logits: Tensor, y: Tensor, official_layout: bool,
+                           h: int | None, w: int | None, impl: str) -> Tensor:
+    return _PATH.launch("class_propagate_backward", impl, grad.device,
+                        _reference_propagate_backward, grad, logits, y, official_layout, h, w)
+
+
+@_propagate_backward_op.register_fake
+def _(grad, logits, y, official_layout, h, w, impl):
+    return grad.new_empty(grad.shape)
+
+
+def _propagate_setup(ctx, inputs, output):
+    logits, y, _, official_layout, h, w, impl = inputs
+    ctx.save_for_backward(logits, y)
+    ctx.config = (official_layout, h, w, impl)
+
+
+def _propagate_backward(ctx, grad):
+    logits, y = ctx.saved_tensors
+    official_layout, h, w, impl = ctx.config
+    grad_f = None
+    if ctx.needs_input_grad[2]:
+        grad_f = torch.ops.semiseg.class_propagate_backward(grad, logits, y, official_layout,
+                                                            h, w, impl)
+    return None, None, grad_f, None, None, None, None
+
+
+_propagate_op.register_autograd(_propagate_backward, setup_context=_propagate_setup)
+
+
+def _check_layout(n: int, official_layout: bool, h: int | None, w: int | None) -> None:
+    if not isinstance(official_layout, bool):
+        raise TypeError(f"official_layout: expected a bool, got {type(official_layout).__name__}")
+    if (h is None) != (w is None):
+        raise ValueError("h, w: expected both or neither")
+    if h is not None:
+        d.check_int("h", h)
+        d.check_int("w", w)
+        if h < 1 or w < 1 or h * w != n:
+            raise ValueError(f"h, w: expected h * w = N = {n}, got {h} * {w}")
+    if official_layout and h is None:
+        raise ValueError("h, w: official_layout=True needs the map size h, w")
+
+
+def _check_nodes(Z: Tensor, F: Tensor) -> None:
+    d.check_float("Z", Z, "node logits [N, C]", 2)
+    d.check_float("F", F, "node features [N, D]", 2)
+    d.check_like("F", F, "Z", Z)
+    if F.shape[0] != Z.shape[0]:
+        raise ValueError(f"F: expected N = {Z.shape[0]} rows like Z, got {tuple(F.shape)}")
+    if Z.shape[0] < 1 or Z.shape[1] < 1:
+        raise ValueError(f"Z: expected at least one node and one class, got {tuple(Z.shape)}")
+
+
+def graph_mix(Z: Tensor, F: Tensor, eta: Tensor, k: int = 21, threshold: float = 0.95, *,
+              impl: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """First half of the layer: (Z' [N, C], y int64 [N], m bool [N]) from Z [N, C], F [N, D].
+
+    m_i = [conf_i >= threshold or conf_i >= eta_{y_i}], y = argmax softmax(Z) (first on ties),
+    A^ = normalised symmetric kNN graph of F (k neighbours incl. self). Z gets the gradient
+    A^(l1 g) + l2 g; F and eta get none here.
+    """
+    _check_nodes(Z, F)
+    n, c = Z.shape
+    d.check_tensor("eta", eta)
+    d.check_like("eta", eta, "Z", Z, dtype=False)
+    if eta.dtype not in d.FLOAT_DTYPES:
+        raise TypeError(f"eta: expected a floating dtype, got {eta.dtype}")
+    d.check_shape("eta", eta, (c,), "[C]")
+    k = d.check_int("k", k)
+    if not 1 <= k <= n:
+        raise ValueError(f"k: expected 1 <= k <= N = {n} nodes, got {k}")
+    threshold = d.check_real("threshold", threshold)
+    mode = _PATH.resolve(impl, "graph_mix", "graph_mix_backward")
+    return torch.ops.semiseg.graph_mix(Z, F.detach(), eta.detach(), k, threshold, mode)
+
+
+def class_propagate(logits: Tensor, y: Tensor, F: Tensor, official_layout: bool = False,
+                    h: int | None = None, w: int | None = None, *,
+                    impl: str | None = None) -> Tensor:
+    """Second half of the layer: F' = Q^ F [N, D], Q^ the class graph of softmax(logits), y.
+
+    logits [N, C'] (the output of conv_z; a constant here), y int [N] labels from
+    :func:`graph_mix`. M_ij = [y_i = y_j] by default; ``official_layout=True`` (needs h, w)
+    reproduces the official scrambled mask. F gets the gradient Q^ g.
+    """
+    d.check_float("logits", logits, "[N, C]", 2)
+    n = logits.shape[0]
+    d.check_float("F", F, "node features [N, D]", 2)
+    d.check_like("F", F, "logits", logits, dtype=False)
+    if F.shape[0] != n:
+        raise ValueError(f"F: expected N = {n} rows like logits, got {tuple(F.shape)}")
+    d.check_tensor("y", y)
+    d.check_like("y", y, "logits", logits, dtype=False)
+    d.check_dtype("y", y, d.INDEX_DTYPES)
+    d.check_shape("y", y, (n,), "[N]")
+    _check_layout(n, official_layout, h, w)
+    mode = _PATH.resolve(impl, "class_propagate", "class_propagate_backward")
+    return torch.ops.semiseg.class_propagate(logits.detach(), y, F, official_layout, h, w, mode)
+
+
+def _pointwise(conv: Conv, x: Tensor, h: int, w: int) -> Tensor:
+    """Apply a 1x1-conv callable on NCHW [1, ch, h, w] to node rows x [N, ch]."""
+    out = conv(x.T.reshape(1, x.shape[1], h, w))
+    return out.reshape(out.shape[1], h * w).T
+
+
+def graph_propagate(Z: Tensor, F: Tensor, eta: Tensor, conv_z: Conv, conv_f: Conv,
+                    k: int = 21, official_layout: bool = False, h: int | None = None,
+                    w: int | None = None, threshold: float = 0.95, *,
+                    impl: str | None = None) -> tuple[Tensor, Tensor]:
+    """One G2Net layer on one image, as ``reference.graph_propagate`` (same arguments).
+
+    Z [N, C] logits, F [N, D] embeddings, eta [C] per-class thresholds; conv_z / conv_f are
+    callables on NCHW [1, ch, h, w] (the map is [1, ch, N, 1] without h, w, which is the same
+    for 1x1 convs), applied outside the ops so their parameters train by ordinary autograd.
+    Returns (Z'' [N, C'], F'' [N, D']).
+    """
+    _check_nodes(Z, F)
+    _check_layout(Z.shape[0], official_layout, h, w)
+    if not callable(conv_z) or not callable(conv_f):
+        raise TypeError("conv_z, conv_f: expected callables on [1, ch, h, w] tensors")
+    hh, ww = (Z.shape[0], 1) if h is None else (h, w)
+    z_mixed, y, _ = graph_mix(Z, F, eta, k, threshold, impl=impl)
+    z_out = _pointwise(conv_z, z_mixed, hh, ww)
+    f_graph = class_propagate(z_out, y, F, official_layout, h, w, impl=impl)
+    return z_out, _pointwise(conv_f, f_graph, hh, ww)
+
+
+__all__ = ["class_propagate", "graph_mix", "graph_propagate"]
