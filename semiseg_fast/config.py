@@ -26,7 +26,7 @@ class TrainConfig:
     # model
     arch: str = field(default="deeplabv3plus", metadata={"help": "deeplabv3plus | deeplabv3plus_u2pl | deeplabv2"})
     backbone: str = field(default="resnet18", metadata={"help": "resnet18 | resnet50 | resnet101"})
-    output_stride: int = field(default=16, metadata={"help": "backbone output stride: 8 | 16"})
+    output_stride: int | None = field(default=None, metadata={"help": "backbone output stride 8 | 16 (default: the arch's, 16 for deeplabv3plus, 8 otherwise)"})
     deep_stem: bool = field(default=False, metadata={"help": "3-conv deep stem (U2PL / UniMatch backbones)"})
     pretrained: str | None = field(default=None, metadata={"help": "local torchvision-named ResNet weights file"})
     # optimisation
@@ -79,7 +79,7 @@ class TrainConfig:
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "expected an integer >= 1")
         for name in ("eval_every", "ckpt_every"):
             need(getattr(self, name) >= 0, name, "expected an integer >= 0")
-        need(self.output_stride in (8, 16, 32), "output_stride", "expected 8, 16 or 32")
+        need(self.output_stride in (None, 8, 16, 32), "output_stride", "expected 8, 16 or 32")
         for name in ("lr", "head_lr_mult", "lr_power"):
             need(getattr(self, name) > 0, name, "expected a positive number")
         for name in ("momentum", "conf_thresh", "ema_decay"):

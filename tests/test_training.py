@@ -138,3 +138,22 @@ def test_method_losses_capture_in_one_graph(tmp_path, method):
     trainer._losses = torch.compile(eager, fullgraph=True, backend="aot_eager")
     out = trainer.train_step()
     assert torch.isfinite(out["loss"]).item()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["supervised", "fixmatch"])
+def test_cuda_step_never_syncs_and_compiles(tmp_path, method):
+    cfg = tiny(tmp_path, method=method, iters=6, device="cuda", compile="off")
+    trainer = Trainer(cfg, echo=lambda *a: None)
+    trainer.train_step()  # warm-up: allocator, cuDNN/cuBLAS handles
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            trainer.train_step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    compiled = Trainer(tiny(tmp_path, method=method, iters=4, device="cuda", compile="on", out=str(tmp_path / "c")),
+                       echo=lambda *a: None)
+    metrics = compiled.train()
+    assert metrics is not None and metrics.miou == metrics.miou  # finite, bf16 autocast + compile ran

@@ -112,16 +112,22 @@ class Trainer:
         self.logger = ScalarLogger(self.run_dir, cfg.log_backend)
 
     # -- data ---------------------------------------------------------------------------------
+    def _to_device(self, idx: torch.Tensor) -> torch.Tensor:
+        # a pageable host->device copy synchronises; a pinned one is queued like a kernel
+        if self.device.type == "cuda":
+            return idx.pin_memory().to(self.device, non_blocking=True)
+        return idx
+
     def _images(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.train_images[idx.to(self.device)].float().div_(255)
+        return self.train_images[idx].float().div_(255)
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         cfg, g = self.cfg, self.generator
-        idx = self.streams["labeled"].next().to(self.device)
+        idx = self._to_device(self.streams["labeled"].next())
         x, y = weak_augment(self._images(idx), self.train_labels[idx].long(), crop=cfg.crop, generator=g)
         batch = {"x_l": x, "y_l": y}
         for k in range(1 + self.method.extra_unlabeled_batches if self.method.uses_unlabeled else 0):
-            idx = self.streams[f"unlabeled{k}"].next().to(self.device)
+            idx = self._to_device(self.streams[f"unlabeled{k}"].next())
             x, pad = weak_augment(self._images(idx), None, crop=cfg.crop, generator=g)
             suffix = "" if k == 0 else str(k)
             batch["x_u" + suffix], batch["pad_u" + suffix] = x, pad
