@@ -18,7 +18,7 @@ class TrainConfig:
     root: str | None = field(default=None, metadata={"help": "data set root folder (real data sets)"})
     labeled: str = field(default="1/16", metadata={"help": "labeled fraction ('1/16', '0.25') or count ('92')"})
     # synthetic data set
-    num_train: int = field(default=1024, metadata={"help": "synthetic: training images (labeled + unlabeled)"})
+    num_train: int = field(default=512, metadata={"help": "synthetic: training images (labeled + unlabeled)"})
     num_val: int = field(default=200, metadata={"help": "synthetic: validation images"})
     image_size: int = field(default=80, metadata={"help": "synthetic: generated image side length"})
     data_seed: int = field(default=0, metadata={"help": "synthetic scenes and the labeled split derive from it"})
