@@ -43,6 +43,11 @@ class TrainConfig:
     conf_thresh: float = field(default=0.95, metadata={"help": "pseudo-label confidence threshold"})
     ema_decay: float = field(default=0.99, metadata={"help": "largest EMA decay of mean teachers"})
     unsup_weight: float = field(default=1.0, metadata={"help": "weight of the unsupervised loss"})
+    # IPixMatch
+    ipix_weight: float = field(default=1.0, metadata={"help": "ipixmatch: weight alpha of the spatial KL term"})
+    ipix_warmup: float = field(default=0.0625, metadata={"help": "ipixmatch: fraction of the run over which alpha ramps up"})
+    ipix_temperature: float = field(default=4.0, metadata={"help": "ipixmatch: softmax temperature over pixels"})
+    ipix_tau: float = field(default=0.8, metadata={"help": "ipixmatch: teacher confidence for the pixel set Omega"})
     # running
     seed: int = field(default=0, metadata={"help": "seed of the model init, augmentations and data order"})
     deterministic: bool = field(default=False, metadata={"help": "deterministic algorithms (bit-exact resume on CPU)"})
@@ -82,10 +87,12 @@ class TrainConfig:
         need(self.output_stride in (None, 8, 16, 32), "output_stride", "expected 8, 16 or 32")
         for name in ("lr", "head_lr_mult", "lr_power"):
             need(getattr(self, name) > 0, name, "expected a positive number")
-        for name in ("momentum", "conf_thresh", "ema_decay"):
+        for name in ("momentum", "conf_thresh", "ema_decay", "ipix_warmup", "ipix_tau"):
             need(0.0 <= getattr(self, name) <= 1.0, name, "expected a number in [0, 1]")
         need(self.weight_decay >= 0, "weight_decay", "expected a number >= 0")
         need(self.unsup_weight >= 0, "unsup_weight", "expected a number >= 0")
+        need(self.ipix_weight >= 0, "ipix_weight", "expected a number >= 0")
+        need(self.ipix_temperature > 0, "ipix_temperature", "expected a positive number")
         need(self.amp in ("auto", "bf16", "off"), "amp", "expected auto, bf16 or off")
         need(self.compile in ("auto", "on", "off"), "compile", "expected auto, on or off")
         need(self.log_backend in ("auto", "tensorboard", "csv"), "log_backend", "expected auto, tensorboard or csv")

@@ -128,7 +128,7 @@ def test_cli_trains_and_prints_miou(tmp_path, capsys):
     assert "resumed from" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("method", ["supervised", "fixmatch"])
+@pytest.mark.parametrize("method", ["supervised", "fixmatch", "unimatch", "ipixmatch"])
 def test_method_losses_capture_in_one_graph(tmp_path, method):
     # fullgraph=True fails on any graph break; aot_eager checks capture and autograd without
     # paying for inductor code generation on the CPU
@@ -141,7 +141,7 @@ def test_method_losses_capture_in_one_graph(tmp_path, method):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("method", ["supervised", "fixmatch"])
+@pytest.mark.parametrize("method", ["supervised", "fixmatch", "unimatch", "ipixmatch"])
 def test_cuda_step_never_syncs_and_compiles(tmp_path, method):
     cfg = tiny(tmp_path, method=method, iters=6, device="cuda", compile="off")
     trainer = Trainer(cfg, echo=lambda *a: None)

@@ -140,9 +140,10 @@ class Trainer:
         self._progress.fill_(self.step / cfg.iters)
         with nvtx_range("data"):
             batch = self.next_batch()
-        with nvtx_range("augment"):
-            batch = self.method.augment(batch, self.generator)
+        # autocast covers augment too: some methods run a no-grad labelling pass there
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16, enabled=self.amp_dtype is not None):
+            with nvtx_range("augment"):
+                batch = self.method.augment(batch, self.generator)
             out = self._losses(batch, self._progress)
         with nvtx_range("backward"):
             out["loss"].backward()

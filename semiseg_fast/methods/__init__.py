@@ -4,9 +4,11 @@ from __future__ import annotations
 from ..errors import ConfigError
 from .base import Method
 from .fixmatch import FixMatch
+from .ipixmatch import IPixMatch
 from .supervised import Supervised
+from .unimatch import UniMatch
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (Supervised, FixMatch)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (Supervised, FixMatch, UniMatch, IPixMatch)}
 
 
 def build_method(name: str, cfg, num_classes: int) -> Method:
