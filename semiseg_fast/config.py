@@ -24,7 +24,7 @@ class TrainConfig:
     data_seed: int = field(default=0, metadata={"help": "synthetic scenes and the labeled split derive from it"})
     cache_dir: str | None = field(default=".cache/semiseg_fast", metadata={"help": "where generated data is cached ('' = none)"})
     # model
-    arch: str = field(default="deeplabv3plus", metadata={"help": "deeplabv3plus | deeplabv3plus_u2pl | deeplabv2"})
+    arch: str | None = field(default=None, metadata={"help": "deeplabv3plus | deeplabv3plus_u2pl | deeplabv2 (default: the method's)"})
     backbone: str = field(default="resnet18", metadata={"help": "resnet18 | resnet50 | resnet101"})
     output_stride: int | None = field(default=None, metadata={"help": "backbone output stride 8 | 16 (default: the arch's, 16 for deeplabv3plus, 8 otherwise)"})
     deep_stem: bool = field(default=False, metadata={"help": "3-conv deep stem (U2PL / UniMatch backbones)"})
@@ -48,6 +48,26 @@ class TrainConfig:
     ipix_warmup: float = field(default=0.0625, metadata={"help": "ipixmatch: fraction of the run over which alpha ramps up"})
     ipix_temperature: float = field(default=4.0, metadata={"help": "ipixmatch: softmax temperature over pixels"})
     ipix_tau: float = field(default=0.8, metadata={"help": "ipixmatch: teacher confidence for the pixel set Omega"})
+    # U2PL (None = the method's default for the data set: the paper's, or the synthetic preset)
+    u2pl_contrast_weight: float | None = field(default=None, metadata={"help": "u2pl: weight of the contrastive loss (paper 0.1; official code 1)"})
+    u2pl_queue: int | None = field(default=None, metadata={"help": "u2pl: negative queue length per class (paper 30000)"})
+    u2pl_queue_bg: int | None = field(default=None, metadata={"help": "u2pl: negative queue length of class 0 (paper 50000)"})
+    u2pl_sup_only: float | None = field(default=None, metadata={"help": "u2pl: fraction of the run trained supervised only (paper 1 of 80 epochs)"})
+    u2pl_official_q1: bool = field(default=False, metadata={"help": "u2pl: reproduce official bug Q1 (negatives of class V[i] for anchors of class i)"})
+    u2pl_official_q2: bool = field(default=False, metadata={"help": "u2pl: reproduce official bug Q2 (negatives must carry the class's own label)"})
+    # CTT
+    ctt_pairs: int | None = field(default=None, metadata={"help": "ctt: student-teacher pairs (2 or 3)"})
+    ctt_bank: int | None = field(default=None, metadata={"help": "ctt: memory bank entries per class (paper code 256)"})
+    ctt_gamma: float | None = field(default=None, metadata={"help": "ctt: cross-teacher confidence splitting HC from LC anchors"})
+    ctt_hc_weight: float | None = field(default=None, metadata={"help": "ctt: weight of the high-confidence contrast (paper's value lost; ours)"})
+    ctt_lc_weight: float | None = field(default=None, metadata={"help": "ctt: weight of the low-confidence contrast (paper's value lost; ours)"})
+    ctt_directional: bool = field(default=True, metadata={"help": "ctt: LC only where the peer student is more confident (paper); off = v2 script"})
+    # MLLC
+    mllc_rounds: int | None = field(default=None, metadata={"help": "mllc: graph rounds K"})
+    mllc_official_mask: bool = field(default=False, metadata={"help": "mllc: the official scrambled class-graph mask instead of label equality"})
+    mllc_proto_weight: float | None = field(default=None, metadata={"help": "mllc: weight of the prototype (inter-image SLG) loss"})
+    mllc_proto_start: float | None = field(default=None, metadata={"help": "mllc: fraction of the run before the prototype loss starts"})
+    mllc_affinity_weight: float | None = field(default=None, metadata={"help": "mllc: weight of the intra-image affinity BCE (commented out in the code; 0 = official)"})
     # running
     seed: int = field(default=0, metadata={"help": "seed of the model init, augmentations and data order"})
     deterministic: bool = field(default=False, metadata={"help": "deterministic algorithms (bit-exact resume on CPU)"})
@@ -79,6 +99,17 @@ class TrainConfig:
 
         need(self.method in METHODS, "method", f"expected one of {sorted(METHODS)}")
         need(self.data in DATASETS, "data", f"expected one of {sorted(DATASETS)}")
+        self.resolve_method_defaults()
+        from .models import MODELS
+
+        need(self.arch in MODELS, "arch", f"expected one of {list(MODELS)}")
+        for name in ("u2pl_queue", "u2pl_queue_bg", "ctt_bank", "mllc_rounds"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "expected an integer >= 1")
+        need(self.ctt_pairs in (2, 3), "ctt_pairs", "expected 2 or 3")
+        for name in ("u2pl_sup_only", "ctt_gamma", "mllc_proto_start"):
+            need(0.0 <= getattr(self, name) <= 1.0, name, "expected a number in [0, 1]")
+        for name in ("u2pl_contrast_weight", "ctt_hc_weight", "ctt_lc_weight", "mllc_proto_weight", "mllc_affinity_weight"):
+            need(getattr(self, name) >= 0, name, "expected a number >= 0")
         for name in ("num_train", "num_val", "image_size", "crop", "batch_size", "unlabeled_batch_size", "iters",
                      "eval_batch_size", "log_every"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "expected an integer >= 1")
@@ -104,6 +135,21 @@ class TrainConfig:
             parse_labeled(self.labeled)
         except ValueError as e:
             raise ConfigError(f"--labeled: {e}") from None
+        return self
+
+    def resolve_method_defaults(self) -> "TrainConfig":
+        """Fill every option left at None with the method's default for this data set.
+
+        Each method class lists its paper values and a small CPU-friendly preset for the
+        synthetic set (``Method.defaults``); options of other methods take their paper values,
+        so ``config.json`` always shows concrete numbers.
+        """
+        from .methods import METHODS, method_defaults
+
+        values = method_defaults(self.method if self.method in METHODS else None, self.data)
+        for name, value in values.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         return self
 
     def to_dict(self) -> dict[str, Any]:

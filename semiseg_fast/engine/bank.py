@@ -31,6 +31,8 @@ from torch import Tensor, nn
 __all__ = [
     "ClassMemoryBank",
     "ctt_admission_k",
+    "sample_masked",
+    "uniform_indices",
     "prototype_sums",
     "prototypes",
     "topk_admission",
@@ -130,6 +132,38 @@ def topk_admission(scores: Tensor, labels: Tensor, candidate: Tensor, k: int, *,
         rank_sorted = torch.where(group_sorted != _INT64_MAX, rank_sorted, -1)
         rank = torch.empty_like(rank_sorted).scatter_(0, perm, rank_sorted)
         return keep, rank
+
+
+# ----------------------------------------------------------------------------------------------
+# Sync-free uniform sampling (U2PL anchors and negatives)
+# ----------------------------------------------------------------------------------------------
+
+def uniform_indices(u: Tensor, counts: Tensor) -> Tensor:
+    """floor(u * n) per row: uniform draws in [0, n) from uniforms ``u`` [K, ...] in [0, 1)
+    and counts ``counts`` [K]; rows with n = 0 get 0. Pass float64 ``u`` for large n."""
+    n = counts.view((counts.shape[0],) + (1,) * (u.dim() - 1)).to(u.dtype)
+    idx = (u * n).floor().long()
+    # u < 1 already gives idx < n; the clamp guards the last ulp of the multiply.
+    return torch.minimum(idx, (n.long() - 1).clamp_min(0))
+
+
+def sample_masked(mask: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+    """Uniform draws with replacement from the True positions of each row of ``mask`` [K, N].
+
+    ``u`` [K, M] uniforms in [0, 1) pick the r-th True position, r = floor(u * count), through a
+    row-wise prefix sum and ``searchsorted`` (no ``nonzero``, no host sync). Returns
+    ``indices`` int64 [K, M] in [0, N) (0 for an empty row) and ``counts`` int64 [K].
+    """
+    if mask.dim() != 2 or mask.dtype != torch.bool:
+        raise ValueError(f"mask: expected bool [K, N], got {mask.dtype} {tuple(mask.shape)}")
+    if u.dim() != 2 or u.shape[0] != mask.shape[0] or not u.is_floating_point():
+        raise ValueError(f"u: expected floating [K={mask.shape[0]}, M], got {u.dtype} {tuple(u.shape)}")
+    cum = torch.cumsum(mask, dim=1)
+    counts = cum[:, -1] if mask.shape[1] else torch.zeros(mask.shape[0], dtype=torch.int64, device=mask.device)
+    rank = uniform_indices(u, counts)
+    # the r-th True position (0-based) is the first one whose inclusive prefix count exceeds r
+    idx = torch.searchsorted(cum, rank, right=True)
+    return idx.clamp_max(max(mask.shape[1] - 1, 0)), counts
 
 
 # ----------------------------------------------------------------------------------------------
@@ -382,12 +416,13 @@ class ClassMemoryBank(nn.Module):
             raise ValueError(f"class_ids: expected a tensor on {device}, got {class_ids.device}")
         shape = (shape,) if isinstance(shape, int) else tuple(shape)
         k = class_ids.shape[0]
+        u = torch.rand((k, *shape), generator=generator, device=device, dtype=torch.float64)
+        return self.negatives_from_uniforms(class_ids, u)
+
+    def negatives_from_uniforms(self, class_ids: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+        """``sample_negatives`` from uniforms ``u`` [K, ...] drawn by the caller (e.g. in an eager
+        region, so the indexing itself can run inside a captured graph)."""
         in_range = (class_ids >= 0) & (class_ids < self.num_classes)
         cid = class_ids.long().clamp(0, self.num_classes - 1)
         fill = torch.where(in_range, self.fill.index_select(0, cid), 0)
-        f = fill.view((k,) + (1,) * len(shape))
-        u = torch.rand((k, *shape), generator=generator, device=device, dtype=torch.float64)
-        idx = (u * f).floor().long()
-        # u < 1 already gives idx < fill; the clamp guards the last ulp of the multiply.
-        idx = torch.minimum(idx, (f - 1).clamp_min(0))
-        return idx, fill > 0
+        return uniform_indices(u, fill), fill > 0

@@ -80,6 +80,7 @@ class Trainer:
 
         # -- method, optimizer --
         self.method = build_method(cfg.method, cfg, self.num_classes).to(self.device)
+        self.method.num_labeled = self.num_labeled
         self.method.train()
         self.streams = {"labeled": IndexStream(labeled_idx, cfg.batch_size, seed=cfg.seed * 7 + 1)}
         if self.method.uses_unlabeled:
@@ -142,6 +143,7 @@ class Trainer:
             batch = self.next_batch()
         # autocast covers augment too: some methods run a no-grad labelling pass there
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16, enabled=self.amp_dtype is not None):
+            self.method.begin_step(self.step)
             with nvtx_range("augment"):
                 batch = self.method.augment(batch, self.generator)
             out = self._losses(batch, self._progress)

@@ -3,18 +3,36 @@ from __future__ import annotations
 
 from ..errors import ConfigError
 from .base import Method
+from .ctt import CTT
 from .fixmatch import FixMatch
 from .ipixmatch import IPixMatch
+from .mllc import MLLC
 from .supervised import Supervised
+from .u2pl import U2PL
 from .unimatch import UniMatch
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (Supervised, FixMatch, UniMatch, IPixMatch)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (Supervised, FixMatch, UniMatch, IPixMatch, U2PL, CTT, MLLC)}
+
+
+def method_defaults(name: str | None, data: str) -> dict:
+    """Defaults of the method-dependent options: every method's paper values, then the chosen
+    method's own values and, on the synthetic set, its CPU preset."""
+    out = {}
+    for cls in METHODS.values():
+        out.update(cls.DEFAULTS)
+    cls = METHODS.get(name, Method)
+    out.update(cls.DEFAULTS)
+    out["arch"] = cls.ARCH
+    if data == "synthetic":
+        out.update(cls.SYNTHETIC)
+    return out
 
 
 def build_method(name: str, cfg, num_classes: int) -> Method:
     if name not in METHODS:
         raise ConfigError(f"--method: unknown method {name!r}; expected one of {sorted(METHODS)}")
+    cfg.resolve_method_defaults()
     return METHODS[name](cfg, num_classes)
 
 
-__all__ = ["METHODS", "Method", "build_method"]
+__all__ = ["METHODS", "Method", "build_method", "method_defaults"]

@@ -2,8 +2,12 @@
 
 The engine drives every method the same way, once per iteration:
 
+0. ``begin_step(step)`` - tells the method the iteration index (a Python int, for schedules that
+   change shapes or branches, such as a supervised-only burn-in);
 1. ``augment(batch, generator)`` - eager, on the device: strong views, CutMix boxes, anything random
-   (kept out of the compiled region, where ``torch.Generator`` objects break graphs);
+   (kept out of the compiled region, where ``torch.Generator`` objects break graphs), and no-grad
+   preparation whose Python arguments change from step to step (U2PL's percentile schedule, memory
+   bank writes and index sampling), which would otherwise recompile the captured graph;
 2. ``losses(batch, progress)`` - the differentiable part (teacher passes under no-grad, student
    passes, loss terms); it returns a dict of 0-d tensors with the total under ``"loss"``; this is what
    ``torch.compile`` captures on CUDA;
@@ -29,6 +33,12 @@ Batch = dict[str, torch.Tensor]
 
 class Method(nn.Module):
     name = "base"
+    #: default model preset (``--arch``)
+    ARCH = "deeplabv3plus"
+    #: the method's own options (``TrainConfig`` fields) at their paper values ...
+    DEFAULTS: dict = {}
+    #: ... and the values that differ in the CPU-sized preset for the synthetic set
+    SYNTHETIC: dict = {}
     #: whether the engine should draw an unlabeled batch each step
     uses_unlabeled = True
     #: extra unlabeled batches per step (UniMatch's mixing batch), delivered as x_u1, pad_u1, ...
@@ -38,6 +48,9 @@ class Method(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.num_classes = num_classes
+        self.step = 0
+        #: labeled images of the split (set by the engine; CTT's bank admission count uses it)
+        self.num_labeled: int | None = None
 
     # -- networks ---------------------------------------------------------------------------
     def build_network(self, **overrides) -> nn.Module:
@@ -83,6 +96,9 @@ class Method(nn.Module):
         return self
 
     # -- one iteration ------------------------------------------------------------------------
+    def begin_step(self, step: int) -> None:
+        self.step = step
+
     def augment(self, batch: Batch, generator: torch.Generator) -> Batch:
         return batch
 

@@ -34,3 +34,22 @@ def confident_ce(
     per_pixel = F.cross_entropy(logits, target, reduction="none")
     keep = (conf >= thresh) & valid
     return (per_pixel * keep).sum() / valid.sum().clamp(min=1)
+
+
+def downsample_nearest(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Labels or masks [B, H, W] on a coarser grid with PyTorch's legacy ``nearest``
+    (src = floor(dst * in / out)), as U2PL, CTT and MLLC do; dtype is kept (255 survives)."""
+    if maps.shape[-2:] == tuple(size):
+        return maps
+    out = F.interpolate(maps.unsqueeze(1).float(), size=size, mode="nearest").squeeze(1)
+    return out.to(maps.dtype)
+
+
+def to_rows(maps: torch.Tensor) -> torch.Tensor:
+    """[B, D, h, w] feature maps as [B*h*w, D] pixel rows (the layout of the contrastive ops)."""
+    return maps.permute(0, 2, 3, 1).reshape(-1, maps.shape[1])
+
+
+def confident_fraction(conf: torch.Tensor, thresh: float, valid: torch.Tensor) -> torch.Tensor:
+    """CTT/MLLC's pseudo-label weight: the fraction of valid pixels whose confidence >= thresh."""
+    return ((conf >= thresh) & valid).sum() / valid.sum().clamp(min=1)

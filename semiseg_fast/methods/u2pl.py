@@ -1,0 +1,222 @@
+"""U2PL (CVPR'22, spec/methods.md section 1): reliable pseudo-labels by entropy, unreliable pixels
+as negatives in a contrastive loss against per-class memory banks.
+
+Per iteration (after a supervised-only burn-in of ``u2pl_sup_only`` of the run):
+
+1. the EMA teacher, in eval mode, labels the weak unlabeled view (arg-max); U2PL's CutMix (one coin
+   for the batch, box of area HW/2 from image (i + 1) mod B) mixes images and labels;
+2. a second no-grad teacher pass, in train mode, on [labeled; mixed] gives the class probabilities,
+   the teacher representation (1/4) and, up-sampled, the entropy H of every unlabeled pixel; one
+   selection gives three percentiles of H over the non-ignored pixels: T_u (q = 100 - 20 (1 - t)),
+   low (alpha_t = 20 (1 - t)) and high (100 - alpha_t), t = the fraction of the run done;
+3. L_u = CE on the pixels with H < T_u, weighted by (pixels / kept pixels) as the official code;
+4. L_c (``ops.sampled_contrast``): per class c, 256 anchors drawn from the student representation at
+   the low-entropy pixels labeled c whose teacher probability of c exceeds 0.3, the positive is the
+   class prototype (teacher representation averaged over the low-entropy pixels labeled c) and 50
+   negatives per anchor are drawn from class c's queue; the queue receives this step's teacher
+   features of the pixels that are hard negatives of c first;
+5. L = L_s + L_u + w_c L_c, then the teacher follows the student by EMA.
+
+Steps 1, 2, the queue writes and all index sampling are no-grad and run in ``augment`` (eager: the
+percentile schedule changes a Python argument every step), so the captured ``losses`` holds only
+the student pass and the three losses.
+
+Paper intent by default, official behaviour by flag (DESIGN.md):
+* negatives of class c are pixels **not** labeled c (labeled: c among the teacher's top r_l = 3
+  classes; unlabeled: rank of c in [r_l, r_h) = [3, 20), high entropy); ``u2pl_official_q2``
+  reproduces the official mask, which asks label == c as well, so labeled negatives never exist;
+* the i-th processed class uses its own anchors, prototype and queue; ``u2pl_official_q1``
+  reproduces the official loop (anchors and prototype of class i, queue of the i-th class of V);
+* w_c = 0.1 (paper; the official config leaves it at 1: ``--u2pl-contrast-weight 1``).
+
+Our choices where the official code depends on its setting: the schedules use the continuous
+fraction of the run instead of the epoch index; the official draws its indices from the CPU
+generator with ``torch.randint``, ours come from the run's device generator (float64 uniforms);
+during the burn-in the teacher is left alone and becomes a copy of the student at its end
+(the official also copies it on every step of that epoch, quirk Q5, a one-epoch detail).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import ops
+from ..data.augment import u2pl_cutmix, u2pl_cutmix_mask
+from ..engine.bank import ClassMemoryBank, prototypes, sample_masked
+from ..engine.ema import EMA, ema_decay
+from ..engine.nvtx import nvtx_range
+from .base import Batch, Method
+from .common import IGNORE, downsample_nearest, supervised_ce, to_rows, upsample
+
+DROP = 20.0  # percent of unlabeled pixels dropped at the start (drop_percent 80)
+ALPHA0 = 20.0  # low/high entropy percentile at the start
+LOW_RANK, HIGH_RANK = 3, 20  # r_l, r_h
+DELTA_P = 0.3  # anchor: teacher probability of its class above this
+NEG_PROB = 1.0  # negative: teacher probability of the class below this (inactive, U2PL #109)
+NUM_ANCHORS, NUM_NEGATIVES = 256, 50
+TEMPERATURE = 0.5
+CUTMIX_P = 0.5
+
+
+def drop_weighted_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """U2PL's unsupervised loss: (all pixels / kept pixels) * mean CE over the kept pixels."""
+    per_pixel = F.cross_entropy(logits, target, ignore_index=IGNORE, reduction="none")
+    kept = (target != IGNORE).sum().clamp(min=1)
+    return per_pixel.sum() * target.numel() / kept**2
+
+
+def negative_mask(labels: torch.Tensor, is_labeled: torch.Tensor, rank_l: torch.Tensor, rank_u: torch.Tensor,
+                  num_classes: int, official: bool) -> torch.Tensor:
+    """Bool [N, C]: pixel p is a negative candidate of class c by label and rank (before the
+    entropy test). labels [N] (255 ignored), is_labeled [N, 1], rank_l / rank_u [N, C] = rank of c
+    below r_l / in [r_l, r_h). Intent: label != c; ``official`` (Q2): label == c, which with the
+    labeled rule's GT != c leaves no labeled negative at all."""
+    onehot = labels.unsqueeze(1) == torch.arange(num_classes, device=labels.device)
+    if official:
+        return onehot & torch.where(is_labeled, rank_l & ~onehot, rank_u)
+    return ~onehot & (labels != IGNORE).unsqueeze(1) & torch.where(is_labeled, rank_l, rank_u)
+
+
+def processed_rows(present: torch.Tensor, official: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which queue each of the C loss rows draws negatives from, and which rows may count.
+
+    Row c always takes the anchors and prototype of class c. Intent: the queue of class c, rows of
+    classes in V (present = has low-entropy pixels). ``official`` (Q1): row i < |V| takes the
+    queue of V[i], the i-th present class - right only when V = {0, ..., |V| - 1}."""
+    classes = torch.arange(present.shape[0], device=present.device)
+    if official:
+        v_sorted = torch.sort((~present).to(torch.uint8), stable=True).indices
+        return v_sorted, classes < present.sum()
+    return classes, present
+
+
+class U2PL(Method):
+    name = "u2pl"
+    ARCH = "deeplabv3plus_u2pl"
+    DEFAULTS = {"u2pl_contrast_weight": 0.1, "u2pl_queue": 30000, "u2pl_queue_bg": 50000,
+                "u2pl_sup_only": 1 / 80}
+    # CPU preset: the UniMatch DeepLabV3+ (OS 16, the supervised baseline's model, half the cost
+    # of U2PL's OS-8 512-channel decoder) with a rep head; 16 images of 16 x 16 rep pixels per
+    # step, so queues get the share of a step's pixels that 30000 has of VOC's 133k; 5 % burn-in.
+    SYNTHETIC = {"arch": "deeplabv3plus", "u2pl_queue": 1000, "u2pl_queue_bg": 1667, "u2pl_sup_only": 0.05}
+
+    def __init__(self, cfg, num_classes):
+        super().__init__(cfg, num_classes)
+        self.student = self.build_network(rep_head=True)
+        self.teacher = self.make_teacher(self.student)
+        self._ema = EMA(self.student, self.teacher)
+        caps = [cfg.u2pl_queue_bg] + [cfg.u2pl_queue] * (num_classes - 1)
+        self.bank = ClassMemoryBank(num_classes, self.student.rep_dim, caps)
+        self.sup_only_steps = round(cfg.u2pl_sup_only * cfg.iters)
+
+    def teachers(self):
+        return [self.teacher]
+
+    def eval_model(self):
+        return self.teacher if self.step >= self.sup_only_steps else self.student
+
+    # -- no-grad preparation -------------------------------------------------------------------
+    @torch.no_grad()
+    def augment(self, batch: Batch, generator: torch.Generator) -> Batch:
+        if self.step < self.sup_only_steps:
+            return batch
+        if self.step == self.sup_only_steps:
+            self._ema.copy_()
+        cfg = self.cfg
+        x_l, y_l, x_u = batch["x_l"], batch["y_l"], batch["x_u"]
+        n_l, size = x_l.shape[0], y_l.shape[-2:]
+        with nvtx_range("teacher"):
+            pl = upsample(self.teacher(x_u)["logits"], size).argmax(1)
+            pl = torch.where(batch["pad_u"], IGNORE, pl)
+            box = u2pl_cutmix_mask(x_u.shape[0], *size, p=CUTMIX_P, generator=generator)
+            x_mix, pl_mix = u2pl_cutmix([x_u, pl], box)
+            self.teacher.train()  # batch statistics, as the official second pass
+            out_t = self.teacher(torch.cat((x_l, x_mix)))
+            self.teacher.eval()
+        logits_t, rep_t = out_t["logits"].float(), to_rows(out_t["rep"].float())
+        grid = logits_t.shape[-2:]
+
+        with nvtx_range("pseudo_labels"):
+            t = self.step / cfg.iters
+            alpha = ALPHA0 * (1 - t)
+            valid_u = pl_mix != IGNORE
+            ent, (t_drop, t_low, t_high) = ops.entropy_percentile(
+                upsample(logits_t[n_l:], size), [100 - DROP * (1 - t), alpha, 100 - alpha], valid_u)
+            batch["x_mix"] = x_mix
+            batch["target_u"] = torch.where(ent >= t_drop, IGNORE, pl_mix)
+
+        with nvtx_range("bank"):
+            labels = downsample_nearest(torch.cat((y_l, pl_mix)), grid).reshape(-1)
+            labeled_ok = y_l != IGNORE
+            low = downsample_nearest(torch.cat((labeled_ok, (ent <= t_low) & valid_u)), grid).reshape(-1)
+            high = downsample_nearest(torch.cat((labeled_ok, (ent >= t_high) & valid_u)), grid).reshape(-1)
+            prob = logits_t.softmax(1)
+            prob_rows = to_rows(prob)
+            classes = torch.arange(self.num_classes, device=labels.device)
+            onehot = labels.unsqueeze(1) == classes  # [N, C]; ignored pixels match no class
+            is_labeled = (torch.arange(labels.numel(), device=labels.device) < n_l * grid[0] * grid[1]).unsqueeze(1)
+
+            low_valid = onehot & low.unsqueeze(1)
+            candidates = low_valid & (prob_rows > DELTA_P)
+            proto, _ = prototypes(rep_t, labels, self.num_classes, valid=low)
+            present = low_valid.any(0)
+            num_valid = present.sum()
+
+            rank_u, rank_l = (to_rows(r) for r in ops.rank_mask(prob, LOW_RANK, HIGH_RANK))
+            negative = negative_mask(labels, is_labeled, rank_l, rank_u, self.num_classes, cfg.u2pl_official_q2)
+            negative = negative & high.unsqueeze(1) & (prob_rows < NEG_PROB)
+            # class by class, pixels in raster order: the official enqueue order
+            n = labels.numel()
+            rows = torch.arange(n, device=labels.device).repeat(self.num_classes)
+            self.bank.enqueue(rep_t.index_select(0, rows), classes.repeat_interleave(n),
+                              negative.T.reshape(-1))
+
+        with nvtx_range("sampling"):
+            neg_class, row_ok = processed_rows(present, cfg.u2pl_official_q1)
+            dev = labels.device
+            u_anchor = torch.rand((self.num_classes, NUM_ANCHORS), generator=generator, device=dev, dtype=torch.float64)
+            u_neg = torch.rand((self.num_classes, NUM_ANCHORS, NUM_NEGATIVES), generator=generator, device=dev,
+                               dtype=torch.float64)
+            anchor_idx, n_candidates = sample_masked(candidates.T.contiguous(), u_anchor)
+            slots, has_negatives = self.bank.negatives_from_uniforms(neg_class, u_neg)
+            batch["anchor_idx"] = anchor_idx
+            batch["neg_idx"] = self.bank.flat_index(neg_class, slots)
+            batch["proto"] = proto
+            batch["active"] = row_ok & (n_candidates > 0) & has_negatives & (num_valid > 1)
+            batch["num_valid"] = num_valid.clamp(min=1).float()
+        return batch
+
+    # -- the differentiable part ---------------------------------------------------------------
+    def losses(self, batch: Batch, progress):
+        x_l, y_l = batch["x_l"], batch["y_l"]
+        size = y_l.shape[-2:]
+        if "x_mix" not in batch:  # supervised burn-in
+            with nvtx_range("student"):
+                logits = upsample(self.student(x_l)["logits"], size)
+            loss_x = supervised_ce(logits, y_l)
+            zero = loss_x.detach() * 0
+            return {"loss": loss_x, "loss_x": loss_x.detach(), "loss_u": zero, "loss_c": zero, "kept_ratio": zero}
+        with nvtx_range("student"):
+            out = self.student(torch.cat((x_l, batch["x_mix"])))
+            logits_l, logits_u = upsample(out["logits"], size).split([x_l.shape[0], batch["x_mix"].shape[0]])
+        with nvtx_range("loss"):
+            loss_x = supervised_ce(logits_l, y_l)
+            loss_u = drop_weighted_ce(logits_u, batch["target_u"])
+        with nvtx_range("loss/contrast"):
+            keys = self.bank.keys()
+            c, q, d = keys.shape
+            # every row indexes the flattened bank: a view, so Q1's class remapping copies nothing
+            bank = keys.view(1, c * q, d).expand(c, c * q, d)
+            loss_c = ops.sampled_contrast(to_rows(out["rep"]).float(), batch["proto"], bank, batch["anchor_idx"],
+                                          batch["neg_idx"], TEMPERATURE, num_valid=batch["num_valid"],
+                                          active=batch["active"])
+        loss = loss_x + loss_u + self.cfg.u2pl_contrast_weight * loss_c
+        kept = (batch["target_u"] != IGNORE).float().mean()
+        return {"loss": loss, "loss_x": loss_x.detach(), "loss_u": loss_u.detach(), "loss_c": loss_c.detach(),
+                "kept_ratio": kept}
+
+    @torch.no_grad()
+    def after_step(self, step: int) -> None:
+        if step >= self.sup_only_steps:
+            with nvtx_range("ema"):
+                self._ema.update(ema_decay(step, self.cfg.ema_decay, start=self.sup_only_steps))
