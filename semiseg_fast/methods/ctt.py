@@ -40,7 +40,15 @@ from ..engine.bank import ClassMemoryBank, ctt_admission_k, topk_admission
 from ..engine.ema import EMA, ema_decay
 from ..engine.nvtx import nvtx_range
 from .base import Batch, Method
-from .common import IGNORE, confident_fraction, downsample_nearest, pseudo_label, supervised_ce, to_rows, upsample
+from .common import (
+    IGNORE,
+    confident_fraction,
+    downsample_nearest,
+    pseudo_label,
+    supervised_ce,
+    to_rows,
+    upsample,
+)
 
 PL_WEIGHT_THRESH = 0.968  # confidence counted in the pseudo-label weight w
 BANK_LOGIT = 0.95  # bank admission: maximal raw logit at least this

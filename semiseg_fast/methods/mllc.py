@@ -43,7 +43,15 @@ from ..data.augment import cutmix_box, mix, strong_augment
 from ..engine.bank import prototypes
 from ..engine.nvtx import nvtx_range
 from .base import Batch, Method
-from .common import IGNORE, confident_fraction, downsample_nearest, pseudo_label, supervised_ce, to_rows, upsample
+from .common import (
+    IGNORE,
+    confident_fraction,
+    downsample_nearest,
+    pseudo_label,
+    supervised_ce,
+    to_rows,
+    upsample,
+)
 
 K_NEIGHBOURS = 21
 CONF = 0.95  # confident pixel for the graph mix and the class counts
