@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..data.augment import cutmix_box, mix, strong_augment
+
 IGNORE = 255
 
 
@@ -53,3 +55,13 @@ def to_rows(maps: torch.Tensor) -> torch.Tensor:
 def confident_fraction(conf: torch.Tensor, thresh: float, valid: torch.Tensor) -> torch.Tensor:
     """CTT/MLLC's pseudo-label weight: the fraction of valid pixels whose confidence >= thresh."""
     return ((conf >= thresh) & valid).sum() / valid.sum().clamp(min=1)
+
+
+def strong_cutmix_view(x_u: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """FixMatch-style strong view: photometric jitter, grayscale and blur, then CutMix with the next
+    image of the batch (no extra batch needed). Returns (view, box); targets follow with
+    ``mix(t, t.roll(1, 0), box)``."""
+    b, _, h, w = x_u.shape
+    box = cutmix_box(b, h, w, p=0.5, generator=generator)
+    x_s = strong_augment(x_u, generator=generator)
+    return mix(x_s, x_s.roll(1, 0), box), box

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..data.augment import cutmix_box, mix, strong_augment
+from ..data.augment import mix
 from ..engine.bank import ClassMemoryBank, ctt_admission_k, topk_admission
 from ..engine.ema import EMA, ema_decay
 from ..engine.nvtx import nvtx_range
@@ -45,6 +45,7 @@ from .common import (
     confident_fraction,
     downsample_nearest,
     pseudo_label,
+    strong_cutmix_view,
     supervised_ce,
     to_rows,
     upsample,
@@ -79,11 +80,7 @@ class CTT(Method):
         return self.emas[0]
 
     def augment(self, batch: Batch, generator: torch.Generator) -> Batch:
-        x_u = batch["x_u"]
-        b, _, h, w = x_u.shape
-        box = cutmix_box(b, h, w, p=0.5, generator=generator)
-        x_s = strong_augment(x_u, generator=generator)
-        batch["x_s"], batch["box"] = mix(x_s, x_s.roll(1, 0), box), box
+        batch["x_s"], batch["box"] = strong_cutmix_view(batch["x_u"], generator)
         self._labeled = (batch["x_l"], batch["y_l"])  # the teachers fill their banks from it after the step
         return batch
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import torch
 
-from ..data.augment import cutmix_box, mix, strong_augment
+from ..data.augment import mix
 from ..engine.ema import EMA, ema_decay
 from ..engine.nvtx import nvtx_range
 from .base import Batch, Method
-from .common import confident_ce, pseudo_label, supervised_ce, upsample
+from .common import confident_ce, pseudo_label, strong_cutmix_view, supervised_ce, upsample
 
 
 class FixMatch(Method):
@@ -32,13 +32,7 @@ class FixMatch(Method):
         return self.teacher
 
     def augment(self, batch: Batch, generator: torch.Generator) -> Batch:
-        x_u = batch["x_u"]
-        b, _, h, w = x_u.shape
-        box = cutmix_box(b, h, w, p=0.5, generator=generator)
-        x_s = strong_augment(x_u, generator=generator)
-        # partner = next image in the batch, so no extra unlabeled batch is needed
-        batch["x_s"] = mix(x_s, x_s.roll(1, 0), box)
-        batch["box"] = box
+        batch["x_s"], batch["box"] = strong_cutmix_view(batch["x_u"], generator)
         return batch
 
     def losses(self, batch: Batch, progress):

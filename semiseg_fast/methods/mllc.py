@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ..data.augment import cutmix_box, mix, strong_augment
+from ..data.augment import mix
 from ..engine.bank import prototypes
 from ..engine.nvtx import nvtx_range
 from .base import Batch, Method
@@ -48,6 +48,7 @@ from .common import (
     confident_fraction,
     downsample_nearest,
     pseudo_label,
+    strong_cutmix_view,
     supervised_ce,
     to_rows,
     upsample,
@@ -158,7 +159,7 @@ class MLLC(Method):
     @torch.no_grad()
     def augment(self, batch: Batch, generator: torch.Generator) -> Batch:
         x_u = batch["x_u"]
-        b, _, h, w = x_u.shape
+        h, w = x_u.shape[-2:]
         # the network labels its own weak view (eval mode, no grad), as the release does
         with nvtx_range("teacher"):
             self.student.eval()
@@ -167,9 +168,7 @@ class MLLC(Method):
         valid = ~batch["pad_u"]
         self.student.count_confident(logits_w, valid)
         conf, pl = pseudo_label(logits_w)
-        box = cutmix_box(b, h, w, p=0.5, generator=generator)
-        x_s = strong_augment(x_u, generator=generator)
-        batch["x_s"] = mix(x_s, x_s.roll(1, 0), box)
+        batch["x_s"], box = strong_cutmix_view(x_u, generator)
         valid = mix(valid, valid.roll(1, 0), box)
         batch["conf"] = mix(conf, conf.roll(1, 0), box)
         batch["pl"] = torch.where(valid, mix(pl, pl.roll(1, 0), box), IGNORE)
