@@ -14,7 +14,9 @@ from semiseg_fast.engine.bank import (
     ctt_admission_k,
     prototype_sums,
     prototypes,
+    sample_masked,
     topk_admission,
+    uniform_indices,
 )
 
 
@@ -308,6 +310,33 @@ def test_sample_negatives_ranges_empty_queues_and_determinism():
 # State
 # ----------------------------------------------------------------------------------------------
 
+def test_sample_masked_picks_the_rth_true_position():
+    g = torch.Generator().manual_seed(0)
+    mask = torch.rand(5, 37, generator=g) < 0.3
+    mask[3] = False  # an empty row
+    mask[4] = True
+    u = torch.rand(5, 200, generator=g, dtype=torch.float64)
+    idx, counts = sample_masked(mask, u)
+    assert counts.tolist() == mask.sum(1).tolist()
+    for row in range(5):
+        positions = mask[row].nonzero().flatten()
+        if positions.numel() == 0:
+            assert (idx[row] == 0).all()
+            continue
+        rank = (u[row] * positions.numel()).floor().long()
+        assert torch.equal(idx[row], positions[rank])
+    # uniform over the True positions: 40000 draws over 37 positions, each within 5 sigma
+    u = torch.rand(1, 40000, generator=g, dtype=torch.float64)
+    idx, _ = sample_masked(torch.ones(1, 37, dtype=torch.bool), u)
+    freq = torch.bincount(idx[0], minlength=37).double()
+    expected = 40000 / 37
+    assert ((freq - expected).abs() < 5 * expected**0.5).all()
+    assert uniform_indices(torch.tensor([[0.999999999]], dtype=torch.float64), torch.tensor([3])).item() == 2
+    assert uniform_indices(torch.tensor([[0.5]]), torch.tensor([0])).item() == 0
+    with pytest.raises(ValueError, match="mask"):
+        sample_masked(torch.ones(3, 4), u)
+
+
 def test_state_dict_round_trip_and_resume():
     caps = [4, 2, 3]
     a = ClassMemoryBank(3, 3, caps)
@@ -372,7 +401,9 @@ def _run_hot_path(bank, keys, labels, valid, scores, g):
     bank.enqueue(keys, labels, torch.zeros_like(valid))
     means, present = prototypes(keys, labels, 3, valid)
     idx, active = bank.sample_negatives(torch.arange(3, device=keys.device), (8, 5), g)
-    return bank.is_full(), bank.valid_mask(), means, present, idx, active
+    mask = torch.stack([valid, labels == 1, torch.zeros_like(valid)])
+    picked, counts = sample_masked(mask, torch.rand(3, 7, generator=g, device=keys.device))
+    return bank.is_full(), bank.valid_mask(), means, present, idx, active, picked, counts
 
 
 def test_hot_path_makes_no_host_sync_calls():

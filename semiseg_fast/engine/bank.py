@@ -163,7 +163,7 @@ def sample_masked(mask: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
     rank = uniform_indices(u, counts)
     # the r-th True position (0-based) is the first one whose inclusive prefix count exceeds r
     idx = torch.searchsorted(cum, rank, right=True)
-    return idx.clamp_max(max(mask.shape[1] - 1, 0)), counts
+    return torch.where(counts.unsqueeze(1) > 0, idx, 0), counts
 
 
 # ----------------------------------------------------------------------------------------------
