@@ -1,5 +1,8 @@
 """profile_step writes a Chrome trace, an operator table and per-phase times."""
+import csv
 import json
+
+import torch
 
 from profiling.profile_step import main
 
@@ -18,3 +21,17 @@ def test_profile_step_writes_trace_and_phase_table(tmp_path, capsys):
         assert f"\n{phase} " in "\n" + phases, phases
     assert "aten::" in (out / "top_ops.txt").read_text()
     assert "phase" in capsys.readouterr().out
+
+
+def test_op_benchmark_smoke_writes_csv_rows(tmp_path):
+    from profiling import bench_ops
+
+    out = tmp_path / "cpu.csv"
+    rows = bench_ops.run(["spatial_kl"], ["fp32"], smoke=True, device=torch.device("cpu"), out=out,
+                         echo=lambda *a: None)
+    assert {(r["provider"], r["mode"]) for r in rows} == {
+        (p, m) for p in ("fused", "reference", "compiled") for m in ("fwd", "bwd", "fwd+bwd")}
+    with out.open() as f:
+        written = list(csv.DictReader(f))
+    assert len(written) == 9 and all(float(r["ms_median"]) > 0 for r in written)
+    assert written[0]["commit"] and written[0]["torch"] == torch.__version__

@@ -1,0 +1,213 @@
+"""Op benchmark: fused kernels against the eager and the torch.compile-d reference.
+
+    python -m profiling.bench_ops                      # every op, realistic shapes, appends CSV rows
+    python -m profiling.bench_ops --op spatial_kl --dtype bf16
+    python -m profiling.bench_ops --smoke              # tiny shapes, any device (CPU: interpreter)
+
+For each case, provider (``fused``, ``reference``, ``compiled``) and mode (``fwd``, ``bwd``,
+``fwd+bwd``; ``compiled`` = ``torch.compile(fullgraph=True)`` of a loop-free PyTorch formulation,
+since the references read sizes on the host) it checks the providers agree, then records the median time with p20/p80 (``triton.testing.do_bench`` on CUDA, a
+perf-counter loop elsewhere), the peak memory above the inputs, and the achieved GB/s against the
+op's bytes floor; the device copy bandwidth is measured in the same run, so each row also says which
+fraction of the memory system the op reaches. Rows are appended to
+``profiling/results/<device>.csv`` with device, torch, triton, commit and date.
+
+Bytes floors (spec/methods.md 5c): spatial KL forward reads p and q once (2 N elements, N = B C H W);
+the backward reads p and q and writes dq (3 N); forward + backward together: p and q read once and
+dq written once (3 N). The fused path today reads p and q three times over forward + backward (the
+backward recomputes the per-row statistics), 7 N in all.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from semiseg_fast import ops
+from semiseg_fast import reference as ref
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+FIELDS = ["date", "commit", "device", "torch", "triton", "op", "case", "dtype", "provider", "mode",
+          "ms_median", "ms_p20", "ms_p80", "peak_mb", "floor_mb", "gb_s", "copy_gb_s", "pct_of_copy"]
+
+
+def _timer(fn: Callable[[], object], device: torch.device) -> tuple[float, float, float]:
+    if device.type == "cuda":
+        import triton.testing
+
+        med, p20, p80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], warmup=25, rep=100)
+        return med, p20, p80
+    fn()
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    times.sort()
+    return statistics.median(times), times[1], times[-2]
+
+
+def copy_bandwidth(device: torch.device, mb: int = 1024) -> float:
+    """GB/s of a device-to-device copy (read + write counted), the practical ceiling."""
+    if device.type != "cuda":
+        mb = 64
+    src = torch.empty(mb * 2**20 // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    med, _, _ = _timer(lambda: dst.copy_(src), device)
+    return 2 * src.numel() * 4 / (med * 1e-3) / 1e9
+
+
+# -- cases ----------------------------------------------------------------------------------------
+
+def spatial_kl_cases(smoke: bool) -> list[tuple[str, tuple[int, int, int, int]]]:
+    if smoke:
+        return [("smoke", (2, 5, 17, 19))]
+    return [("voc321", (8, 21, 321, 321)), ("voc513", (8, 21, 513, 513)), ("city801", (2, 19, 801, 801))]
+
+
+def spatial_kl_vectorized(p, q, ignore, temperature=4.0, tau=0.8):
+    """The op as a PyTorch user would write it without loops or host reads (masked log-softmax
+    over pixels), the baseline that ``torch.compile`` gets to fuse. Same semantics as the reference."""
+    b, c = p.shape[:2]
+    omega = ref.confident_set(p, tau, ignore).unsqueeze(1)  # [B, 1, HW]
+    n = omega.sum(-1, dtype=torch.float32)  # [B, 1]
+    pk = torch.where(omega, p.flatten(2).float() / temperature, float("-inf"))
+    qk = torch.where(omega, q.flatten(2).float() / temperature, float("-inf"))
+    log_pi = pk - torch.logsumexp(pk, -1, keepdim=True)
+    log_psi = qk - torch.logsumexp(qk, -1, keepdim=True)
+    kl = torch.where(omega, log_pi.exp() * (log_pi - log_psi), 0.0).sum((1, 2))
+    ok = n.squeeze(1) >= 2
+    return torch.where(ok, kl / (c * torch.log(n.squeeze(1).clamp(min=2))), 0.0).mean().to(q.dtype)
+
+
+def spatial_kl_bench(shape, dtype, device):
+    b, c, h, w = shape
+    g = torch.Generator(device="cpu").manual_seed(0)
+    p = (torch.randn(shape, generator=g) * 3).to(device, dtype)
+    q = torch.randn(shape, generator=g).to(device, dtype)
+    ignore = (torch.rand(b, h, w, generator=g) < 0.05).to(device)
+    compiled = torch.compile(spatial_kl_vectorized, fullgraph=True)
+    providers = {
+        "fused": lambda q_: ops.spatial_kl(p, q_, ignore=ignore, impl="triton"),
+        "reference": lambda q_: ref.spatial_kl(p, q_, ignore=ignore),
+        "compiled": lambda q_: compiled(p, q_, ignore),
+    }
+    # every provider must compute the same loss before any of them is timed
+    expected = ref.spatial_kl(p.double(), q.double(), ignore=ignore)
+    for name, fn in providers.items():
+        got = fn(q).double()
+        if not torch.allclose(got, expected, rtol=2e-2, atol=1e-4):
+            raise AssertionError(f"spatial_kl provider {name}: {got.item()} != reference {expected.item()}")
+    n = p.numel() * p.element_size()
+    floors = {"fwd": 2 * n, "bwd": 3 * n, "fwd+bwd": 3 * n}
+    return q, providers, floors
+
+
+OPS = {"spatial_kl": (spatial_kl_cases, spatial_kl_bench)}
+
+
+# -- driver ---------------------------------------------------------------------------------------
+
+def _modes(provider: Callable, q: torch.Tensor):
+    """fwd, bwd (backward of a kept forward), fwd+bwd closures for a loss of q."""
+    qg = q.detach().clone().requires_grad_(True)
+
+    def fwd():
+        with torch.no_grad():
+            return provider(q)
+
+    def fwd_bwd():
+        loss = provider(qg)
+        loss.backward()
+        qg.grad = None
+
+    loss_kept = provider(qg)
+
+    def bwd():
+        loss_kept.backward(retain_graph=True)
+        qg.grad = None
+
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd_bwd}
+
+
+def _environment() -> dict[str, str]:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, check=False).stdout.strip() or "unknown"
+    except OSError:
+        commit = "unknown"
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "none"
+    return {"date": datetime.date.today().isoformat(), "commit": commit, "torch": torch.__version__,
+            "triton": triton_version}
+
+
+def run(op_names, dtype_names, smoke: bool, device: torch.device, out: Path | None, echo=print) -> list[dict]:
+    env = _environment()
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    copy = copy_bandwidth(device)
+    echo(f"device {device_name}, copy bandwidth {copy:.0f} GB/s, torch {env['torch']}, triton {env['triton']}")
+    rows = []
+    for op in op_names:
+        cases, build = OPS[op]
+        for case, shape in cases(smoke):
+            for dtype_name in dtype_names:
+                q, providers, floors = build(shape, DTYPES[dtype_name], device)
+                for provider, fn in providers.items():
+                    for mode, closure in _modes(fn, q).items():
+                        if device.type == "cuda":
+                            torch.cuda.synchronize()
+                            torch.cuda.reset_peak_memory_stats(device)
+                            base = torch.cuda.memory_allocated(device)
+                        med, p20, p80 = _timer(closure, device)
+                        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if device.type == "cuda" else 0.0
+                        gb_s = floors[mode] / (med * 1e-3) / 1e9
+                        row = {**env, "device": device_name, "op": op, "case": case, "dtype": dtype_name,
+                               "provider": provider, "mode": mode, "ms_median": f"{med:.4f}", "ms_p20": f"{p20:.4f}",
+                               "ms_p80": f"{p80:.4f}", "peak_mb": f"{peak:.1f}", "floor_mb": f"{floors[mode] / 2**20:.1f}",
+                               "gb_s": f"{gb_s:.1f}", "copy_gb_s": f"{copy:.0f}", "pct_of_copy": f"{100 * gb_s / copy:.1f}"}
+                        rows.append(row)
+                        echo(f"{op:<11} {case:<8} {dtype_name:<5} {provider:<9} {mode:<8} {med:9.3f} ms "
+                             f"[{p20:.3f}, {p80:.3f}]  {gb_s:7.1f} GB/s ({row['pct_of_copy']}% of copy)  "
+                             f"peak {peak:.0f} MB")
+    if out is not None and rows:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        new = not out.exists()
+        with out.open("a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=FIELDS)
+            if new:
+                writer.writeheader()
+            writer.writerows(rows)
+        echo(f"appended {len(rows)} rows to {out}")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m profiling.bench_ops", description=__doc__.split("\n")[0])
+    parser.add_argument("--op", action="append", choices=sorted(OPS), help="op to run (repeatable; default all)")
+    parser.add_argument("--dtype", action="append", choices=sorted(DTYPES), help="input dtype (default fp32, bf16)")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes (CPU: the Triton interpreter)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-csv", action="store_true", help="print only")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    out = None if args.no_csv or args.smoke else RESULTS / f"{name.replace(' ', '_')}.csv"
+    run(args.op or sorted(OPS), args.dtype or ["fp32", "bf16"], args.smoke, device, out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
