@@ -13,9 +13,9 @@ The launcher merges the chunks with the usual rescaling (a few [B, S, C] tensor 
 1/(2 BLOCK_J) of the input bytes) into LSE_p, LSE_q and the cross term, and
 KL_bk = x / s_p - LSE_p + LSE_q, L_b = sum_k KL_bk / (C ln |Omega_b|), 0 when |Omega_b| < 2.
 
-Backward: dq_kj = g_b (e^{q_kj/t - LSE_q} - e^{p_kj/t - LSE_p}) / (t C ln |Omega_b|) on Omega, else
-0. The backward launcher recomputes the statistics (one more read of p and q), then one kernel
-reads p and q and writes dq. All arithmetic is fp32 whatever the input dtype; offsets are int64.
+The forward returns LSE [B, 2, C] and the weight 1 / (C ln |Omega_b|) [B] with the loss, so the
+backward is one kernel that reads p and q once and writes dq once:
+dq_kj = g_b (e^{q_kj/t - LSE_q} - e^{p_kj/t - LSE_p}) / (t C ln |Omega_b|) on Omega, else 0. All arithmetic is fp32 whatever the input dtype; offsets are int64.
 Everything stays on the device: no host reads, so a captured step never waits.
 """
 from __future__ import annotations
@@ -95,8 +95,8 @@ def _kl_grad_kernel(p_ptr, q_ptr, ign_ptr, lse_ptr, scale_ptr, dq_ptr, C, HW, in
     j_ok = offs_j < HW
     offs = b.to(tl.int64) * C * HW + offs_c[:, None].to(tl.int64) * HW + offs_j[None, :]
     q = tl.load(q_ptr + offs, mask=c_ok[:, None] & j_ok[None, :], other=0.0).to(tl.float32)
-    lse_p = tl.load(lse_ptr + (b.to(tl.int64) * 2) * BLOCK_C + offs_c)
-    lse_q = tl.load(lse_ptr + (b.to(tl.int64) * 2 + 1) * BLOCK_C + offs_c)
+    lse_p = tl.load(lse_ptr + (b.to(tl.int64) * 2) * C + offs_c, mask=c_ok, other=0.0)
+    lse_q = tl.load(lse_ptr + (b.to(tl.int64) * 2 + 1) * C + offs_c, mask=c_ok, other=0.0)
     scale = tl.load(scale_ptr + b)
     keep = c_ok[:, None] & omega[None, :]
     g = tl.exp(q * inv_t - lse_q[:, None]) - tl.exp(p * inv_t - lse_p[:, None])
@@ -141,7 +141,7 @@ def _per_image_weight(n: torch.Tensor, c: int) -> torch.Tensor:
 def spatial_kl(p, q, temperature, tau, ignore, reduction):
     b, c = p.shape[:2]
     ign = None if ignore is None else ignore.view(torch.uint8)
-    _, kl, n = _statistics(p, q, float(temperature), float(tau), ign)
+    lse, kl, n = _statistics(p, q, float(temperature), float(tau), ign)
     weight = _per_image_weight(n, c)
     # degenerate images may hold NaN statistics (0/0): select, never multiply
     per_image = torch.where(weight > 0, kl.sum(dim=1) * weight, 0.0)
@@ -151,25 +151,23 @@ def spatial_kl(p, q, temperature, tau, ignore, reduction):
         out = per_image.sum()
     else:
         out = per_image
-    return out.to(q.dtype)
+    return out.to(q.dtype), lse[:, :, :c].contiguous(), weight
 
 
-def spatial_kl_backward(grad, p, q, temperature, tau, ignore, reduction):
+def spatial_kl_backward(grad, p, q, lse, weight, temperature, tau, ignore, reduction):
     b, c = p.shape[:2]
     hw = p.numel() // (b * c)
     ign = None if ignore is None else ignore.view(torch.uint8)
-    lse, _, n = _statistics(p, q, float(temperature), float(tau), ign)
+    # rows without Omega have LSE = -inf; their pixels are all masked, but keep the exp finite
     lse = torch.where(torch.isfinite(lse), lse, 0.0).contiguous()
-    scale = _per_image_weight(n, c) / float(temperature) * grad.float().expand(b)
+    scale = weight / float(temperature) * grad.float().expand(b)
     if reduction == "mean":
         scale = scale / b
     dq = torch.empty_like(q)
-    block_c = triton.next_power_of_2(c)
-    s = triton.cdiv(hw, _BLOCK_J)
     has_ignore = ign is not None
-    _kl_grad_kernel[(b, s)](p, q, ign if has_ignore else p, lse, scale.contiguous(), dq, c, hw,
-                            1.0 / float(temperature), float(tau), HAS_IGNORE=has_ignore, BLOCK_C=block_c,
-                            BLOCK_J=_BLOCK_J)
+    _kl_grad_kernel[(b, triton.cdiv(hw, _BLOCK_J))](
+        p, q, ign if has_ignore else p, lse, scale.contiguous(), dq, c, hw, 1.0 / float(temperature), float(tau),
+        HAS_IGNORE=has_ignore, BLOCK_C=triton.next_power_of_2(c), BLOCK_J=_BLOCK_J)
     return dq
 
 

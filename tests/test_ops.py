@@ -297,7 +297,8 @@ def _opcheck_cases():
         "class_propagate": (s.class_propagate, (Z.detach(), y, F, True, 3, 4, "reference")),
         # The backward ops on their own (no double backward: plain inputs).
         "spatial_kl_backward": (s.spatial_kl_backward, (
-            torch.randn(2, dtype=F64), p, q.detach(), 2.0, 0.4, ignore, "none", "reference")),
+            torch.randn(2, dtype=F64), p, q.detach(), torch.zeros(2, 2, p.shape[1]), torch.ones(2), 2.0, 0.4,
+            ignore, "none", "reference")),
         "sampled_contrast_backward": (s.sampled_contrast_backward, (
             torch.tensor(0.3, dtype=F64), anchors.detach(), keys_pos, bank, anchor_idx, neg_idx,
             0.5, None, "reference")),
@@ -427,7 +428,7 @@ def test_registered_kernel_is_dispatched(monkeypatch):
 
     def fake_kernel(p, q, temperature, tau, ignore, reduction):
         calls.append(p.is_contiguous())
-        return q.new_full((), 42.0)
+        return q.new_full((), 42.0), torch.zeros(p.shape[0], 2, p.shape[1]), torch.zeros(p.shape[0])
 
     monkeypatch.setattr(_dispatch, "KERNELS", {})
     monkeypatch.setitem(_dispatch.KERNELS, "spatial_kl", fake_kernel)

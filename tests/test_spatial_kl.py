@@ -129,3 +129,16 @@ def test_real_sizes_on_gpu(b, c, hw):
     p, q, ignore = case(b, c, hw, hw, device="cuda", seed=6)
     check(p, q, ignore, floor=1e-5)
     check(p.bfloat16(), q.bfloat16(), ignore, floor=2e-3)
+
+
+def test_forward_statistics_match_between_implementations():
+    # the backward consumes them, so kernel and reference paths must agree on their meaning
+    p, q, ignore = case(b=3, c=4, h=6, w=7, seed=8)
+    p[1] = 0.0  # an image without Omega: LSE -inf, weight 0
+    out_k = torch.ops.semiseg.spatial_kl(p, q, 4.0, 0.8, ignore, "none", "triton")
+    out_r = torch.ops.semiseg.spatial_kl(p.double(), q.double(), 4.0, 0.8, ignore, "none", "reference")
+    torch.testing.assert_close(out_k[0].double(), out_r[0], rtol=1e-5, atol=1e-6)
+    finite = torch.isfinite(out_r[1])
+    assert torch.equal(finite, torch.isfinite(out_k[1])) and not finite[1].any()
+    torch.testing.assert_close(out_k[1][finite].double(), out_r[1][finite].double(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out_k[2], out_r[2])
