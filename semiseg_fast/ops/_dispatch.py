@@ -18,7 +18,8 @@ modules are imported once, when ``semiseg_fast.ops`` is imported, so that the lo
 does while torch.compile traces it is a plain dict read (an import would break the graph). The
 kernel modules never import ``semiseg_fast.ops``: the arrow stays ``kernels <- ops``. A launcher
 takes the same arguments as the op's reference body (listed in each op module) and receives
-contiguous tensors.
+contiguous tensors; it may carry an ``accepts(*args) -> bool`` attribute, and inputs it does not
+accept run the reference under "auto" and fail, naming their dtypes, under "triton".
 
 Eager calls read ``SEMISEG_IMPL`` at every call. Compiled graphs fix the mode when traced:
 ``use_impl`` sets a module global that dynamo guards (entering or leaving a context re-traces),
@@ -155,6 +156,15 @@ class HotPath:
             launcher = KERNELS.get(op)
             if launcher is None and mode == "triton":
                 raise _missing_kernel(op, self.name)
+            # a launcher may declare which inputs it takes (e.g. no float64 for 32-bit radix keys)
+            accepts = getattr(launcher, "accepts", None)
+            if accepts is not None and not accepts(*args):
+                if mode == "triton":
+                    dtypes = sorted({str(a.dtype) for a in args if isinstance(a, Tensor)})
+                    raise NotImplementedError(
+                        f"semiseg::{op}: the 'triton' kernel does not take these inputs ({', '.join(dtypes)}); "
+                        f"use 'reference' or 'auto' for them")
+                launcher = None
         args = tuple(a.contiguous() if isinstance(a, Tensor) else a for a in args)
         return (launcher or reference)(*args)
 
