@@ -4,15 +4,19 @@
     python -m profiling.bench_ops --op spatial_kl --dtype bf16
     python -m profiling.bench_ops --smoke              # tiny shapes, any device (CPU: interpreter)
 
-For each case, provider (``fused``, ``reference``, ``compiled``) and mode (``fwd``, ``bwd``,
-``fwd+bwd``; ``compiled`` = ``torch.compile(fullgraph=True)`` of a loop-free PyTorch formulation,
-since the references read sizes on the host) it checks the providers agree, then records the median time with p20/p80 (``triton.testing.do_bench`` on CUDA, a
+For each case, provider and mode it records the median time with p20/p80 (``triton.testing.do_bench`` on CUDA, a
 perf-counter loop elsewhere), the peak memory above the inputs, and the achieved GB/s against the
 op's bytes floor; the device copy bandwidth is measured in the same run, so each row also says which
 fraction of the memory system the op reaches. Rows are appended to
 ``profiling/results/<device>.csv`` with device, torch, triton, commit and date.
 
-Bytes floors (spec/methods.md 5c): spatial KL forward reads p and q once (2 N elements, N = B C H W);
+Providers: ``fused`` (the Triton kernels), ``reference`` (the eager references through the ops),
+and per op ``compiled`` (spatial KL: ``torch.compile(fullgraph=True)`` of a loop-free PyTorch
+formulation, since the references read sizes on the host; providers are checked to agree first)
+or ``official`` (entropy percentile: U2PL's device-to-host copy and ``numpy.percentile``). Modes:
+``fwd``, ``bwd``, ``fwd+bwd`` for losses, ``fwd`` for statistics.
+
+Bytes floors. Entropy percentile (5d): one read of the logits. Spatial KL (5c): spatial KL forward reads p and q once (2 N elements, N = B C H W);
 the backward reads p and q and writes dq (3 N); forward + backward together: p and q read once and
 dq written once (3 N). The fused path reads p and q in the forward and again in the backward
 (which takes the forward's per-row statistics) and writes dq: 5 N, 1.67x the floor by bytes.
@@ -108,15 +112,64 @@ def spatial_kl_bench(shape, dtype, device):
             raise AssertionError(f"spatial_kl provider {name}: {got.item()} != reference {expected.item()}")
     n = p.numel() * p.element_size()
     floors = {"fwd": 2 * n, "bwd": 3 * n, "fwd+bwd": 3 * n}
-    return q, providers, floors
+    return {name: _loss_modes(fn, q) for name, fn in providers.items()}, floors
 
 
-OPS = {"spatial_kl": (spatial_kl_cases, spatial_kl_bench)}
+U2PL_Q = [80.0, 20.0, 80.0]  # the three thresholds of one U2PL step (drop, low, high at t = 0)
+
+
+def entropy_percentile_cases(smoke: bool):
+    if smoke:
+        return [("smoke", (2, 5, 17, 19))]
+    return [("voc513", (4, 21, 513, 513)), ("city769", (2, 19, 769, 769)), ("stress64M", (1, 1, 8192, 8192))]
+
+
+def entropy_percentile_bench(shape, dtype, device):
+    """Entropy + U2PL's three thresholds; the 1-class stress case times the selection alone
+    (its entropy is 0 everywhere, so it runs on the logits as values via ``percentile``)."""
+    b, c, h, w = shape
+    g = torch.Generator(device="cpu").manual_seed(0)
+    logits = (torch.randn(shape, generator=g) * 3).to(device, dtype)
+    valid = (torch.rand(b, h, w, generator=g) < 0.9).to(device)
+    if c == 1:
+        values, mask = logits.reshape(b, h, w), valid
+
+        def official():
+            import numpy as np
+
+            sel = values[mask].float().cpu().numpy()
+            return [np.percentile(sel, q) for q in U2PL_Q]
+
+        providers = {
+            "fused": lambda: ops.percentile(values, U2PL_Q, mask, impl="triton"),
+            "reference": lambda: ops.percentile(values, U2PL_Q, mask, impl="reference"),
+            "official": official,
+        }
+        floor = values.numel() * values.element_size()
+    else:
+        def official():
+            import numpy as np
+
+            ent = ref.entropy(logits.float())
+            sel = ent[valid].cpu().numpy()
+            return ent, [np.percentile(sel, q) for q in U2PL_Q]
+
+        providers = {
+            "fused": lambda: ops.entropy_percentile(logits, U2PL_Q, valid, impl="triton"),
+            "reference": lambda: ops.entropy_percentile(logits, U2PL_Q, valid, impl="reference"),
+            "official": official,
+        }
+        floor = logits.numel() * logits.element_size()
+    return {name: {"fwd": fn} for name, fn in providers.items()}, {"fwd": floor}
+
+
+OPS = {"spatial_kl": (spatial_kl_cases, spatial_kl_bench),
+       "entropy_percentile": (entropy_percentile_cases, entropy_percentile_bench)}
 
 
 # -- driver ---------------------------------------------------------------------------------------
 
-def _modes(provider: Callable, q: torch.Tensor):
+def _loss_modes(provider: Callable, q: torch.Tensor):
     """fwd, bwd (backward of a kept forward), fwd+bwd closures for a loss of q."""
     qg = q.detach().clone().requires_grad_(True)
 
@@ -164,9 +217,9 @@ def run(op_names, dtype_names, smoke: bool, device: torch.device, out: Path | No
         cases, build = OPS[op]
         for case, shape in cases(smoke):
             for dtype_name in dtype_names:
-                q, providers, floors = build(shape, DTYPES[dtype_name], device)
-                for provider, fn in providers.items():
-                    for mode, closure in _modes(fn, q).items():
+                providers, floors = build(shape, DTYPES[dtype_name], device)
+                for provider, modes in providers.items():
+                    for mode, closure in modes.items():
                         if device.type == "cuda":
                             torch.cuda.synchronize()
                             torch.cuda.reset_peak_memory_stats(device)
