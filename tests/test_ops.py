@@ -38,10 +38,10 @@ def kl_case(dtype=F64, B=3, C=4, H=5, W=3):
 def sampled_case(dtype=F64, N=11, D=5, K=3, M=4, Q=6, Nneg=3):
     anchors = torch.randn(N, D, dtype=F64).to(dtype).requires_grad_()
     keys_pos = torch.randn(K, D, dtype=F64).to(dtype)
-    bank = torch.randn(K, Q, D, dtype=F64).to(dtype)
+    bank = torch.randn(K * Q, D, dtype=F64).to(dtype)  # K queues of Q rows, flattened
     anchor_idx = torch.randint(0, N, (K, M))
     anchor_idx[0, :2] = 3  # duplicates add their gradients
-    neg_idx = torch.randint(0, Q, (K, M, Nneg))
+    neg_idx = torch.randint(0, Q, (K, M, Nneg)) + Q * torch.arange(K).view(K, 1, 1)
     return anchors, keys_pos, bank, anchor_idx, neg_idx
 
 
@@ -155,7 +155,7 @@ def test_sampled_contrast_matches_reference(num_valid):
 def test_sampled_contrast_empty_cases_are_zero():
     anchors, keys_pos, bank, anchor_idx, neg_idx = sampled_case()
     for k, m in [(0, 4), (3, 0)]:
-        out = ops.sampled_contrast(anchors, keys_pos[:k], bank[:k], anchor_idx[:k, :m],
+        out = ops.sampled_contrast(anchors, keys_pos[:k], bank, anchor_idx[:k, :m],
                                    neg_idx[:k, :m])
         (grad,) = torch.autograd.grad(out, anchors)
         assert out == 0 and torch.equal(grad, torch.zeros_like(anchors))
@@ -515,10 +515,10 @@ def _bad_calls():
         ("keys_pos", ValueError, lambda: sc(anchors, keys_pos[:2], bank, anchor_idx, neg_idx)),
         ("keys_pos", TypeError, lambda: sc(anchors, keys_pos.float(), bank, anchor_idx,
                                            neg_idx)),
-        ("bank", ValueError, lambda: sc(anchors, keys_pos, bank[:, :, :2], anchor_idx,
+        ("bank", ValueError, lambda: sc(anchors, keys_pos, bank[:, :2], anchor_idx,
                                         neg_idx)),
         ("neg_idx", ValueError, lambda: sc(anchors, keys_pos, bank, anchor_idx, neg_idx[:, :1])),
-        ("neg_idx", ValueError, lambda: sc(anchors, keys_pos, bank, anchor_idx, neg_idx + 6)),
+        ("neg_idx", ValueError, lambda: sc(anchors, keys_pos, bank, anchor_idx, neg_idx + 100)),
         ("anchor_idx", ValueError, lambda: sc(anchors, keys_pos, bank, anchor_idx - 20,
                                               neg_idx)),
         ("temperature", ValueError, lambda: sc(anchors, keys_pos, bank, anchor_idx, neg_idx,

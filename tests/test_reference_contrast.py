@@ -34,7 +34,7 @@ def brute_sampled(anchors, protos, bank, anchor_idx, neg_idx, tau, num_valid, ac
         per_anchor = []
         for m in range(anchor_idx.shape[1]):
             a = A[int(anchor_idx[k, m])]
-            keys = [P[k]] + [Bk[k][int(j)] for j in neg_idx[k, m]]
+            keys = [P[k]] + [Bk[int(j)] for j in neg_idx[k, m]]
             logits = [_cos(a, key) / tau for key in keys]
             top = max(logits)
             lse = top + math.log(math.fsum(math.exp(v - top) for v in logits))
@@ -46,12 +46,12 @@ def brute_sampled(anchors, protos, bank, anchor_idx, neg_idx, tau, num_valid, ac
 def _sampled_case(N=13, D=6, K=3, M=5, Q=7, Nneg=4):
     anchors = torch.randn(N, D, dtype=torch.float64)
     protos = torch.randn(K, D, dtype=torch.float64)
-    bank = torch.randn(K, Q, D, dtype=torch.float64)
+    bank = torch.randn(K * Q, D, dtype=torch.float64)  # K queues of Q rows, flattened
     anchor_idx = torch.randint(0, N, (K, M))
     anchor_idx[0, :3] = 4  # duplicated anchor within a class
     anchor_idx[K - 1, 1] = 4  # and across classes
-    neg_idx = torch.randint(0, Q, (K, M, Nneg))
-    neg_idx[1, 2, :] = 0  # one negative drawn repeatedly
+    neg_idx = torch.randint(0, Q, (K, M, Nneg)) + Q * torch.arange(K).view(K, 1, 1)
+    neg_idx[1, 2, :] = Q  # one negative drawn repeatedly
     return anchors, protos, bank, anchor_idx, neg_idx
 
 
@@ -105,7 +105,7 @@ def test_sampled_duplicates_accumulate_gradcheck():
     (g,) = torch.autograd.grad(f(anchors), anchors)
     per_sample = torch.zeros(4, dtype=torch.float64)
     for k, m in [(0, 0), (0, 1), (0, 2), (1, 0)]:
-        keys = torch.cat([protos[k : k + 1], bank[k][nidx[k, m]]])
+        keys = torch.cat([protos[k : k + 1], bank[nidx[k, m]]])
         a = anchors[1].detach().requires_grad_(True)
         logits = torch.cosine_similarity(a[None], keys, dim=1) / 0.5
         single = (torch.logsumexp(logits, 0) - logits[0]) / (4 * 3)

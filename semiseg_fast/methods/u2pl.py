@@ -203,10 +203,8 @@ class U2PL(Method):
             loss_x = supervised_ce(logits_l, y_l)
             loss_u = drop_weighted_ce(logits_u, batch["target_u"])
         with nvtx_range("loss/contrast"):
-            keys = self.bank.keys()
-            c, q, d = keys.shape
-            # every row indexes the flattened bank: a view, so Q1's class remapping copies nothing
-            bank = keys.view(1, c * q, d).expand(c, c * q, d)
+            # negatives index the flattened queues: a view, so Q1's class remapping copies nothing
+            bank = self.bank.keys().view(-1, self.bank.dim)
             loss_c = ops.sampled_contrast(to_rows(out["rep"]).float(), batch["proto"], bank, batch["anchor_idx"],
                                           batch["neg_idx"], TEMPERATURE, num_valid=batch["num_valid"],
                                           active=batch["active"])

@@ -128,9 +128,11 @@ def sampled_contrast(anchors: Tensor, keys_pos: Tensor, bank: Tensor, anchor_idx
                      active: Tensor | None = None, impl: str | None = None) -> Tensor:
     """U2PL contrastive loss on explicitly sampled anchors and negatives (spec 5a).
 
-    anchors [N, D] (the only input with a gradient), keys_pos [K, D] prototypes, bank [K, Q, D]
-    padded negative queues, anchor_idx int64 [K, M] rows of ``anchors`` (duplicates add their
-    gradients), neg_idx int64 [K, M, Nneg] rows of ``bank[k]``, active bool [K] (default all).
+    anchors [N, D] (the only input with a gradient), keys_pos [K, D] prototypes, bank [R, D]
+    negative key rows (a ``ClassMemoryBank``'s queues flattened: ``keys().view(-1, D)`` with
+    ``flat_index``, a view, never a per-class copy), anchor_idx int64 [K, M] rows of ``anchors``
+    (duplicates add their gradients), neg_idx int64 [K, M, Nneg] rows of ``bank``, active bool
+    [K] (default all).
     Returns sum_k active_k mean_m CE(cos(a_m, [proto, negs]) / temperature, 0) / num_valid;
     ``num_valid`` defaults to max(K, 1) and may be a 0-d device tensor (not checked for > 0,
     which would need a host read).
@@ -145,16 +147,15 @@ def sampled_contrast(anchors: Tensor, keys_pos: Tensor, bank: Tensor, anchor_idx
     d.check_like("keys_pos", keys_pos, "anchors", anchors)
     d.check_shape("keys_pos", keys_pos, (k, dim), "[K, D]")
     d.check_like("bank", bank, "anchors", anchors)
-    if bank.dim() != 3 or bank.shape[0] != k or bank.shape[2] != dim:
-        raise ValueError(f"bank: expected [K, Q, D] with K={k}, D={dim}, "
-                         f"got {tuple(bank.shape)}")
+    if bank.dim() != 2 or bank.shape[1] != dim:
+        raise ValueError(f"bank: expected key rows [R, D] with D={dim}, got {tuple(bank.shape)}")
     d.check_like("neg_idx", neg_idx, "anchors", anchors, dtype=False)
     d.check_dtype("neg_idx", neg_idx, (torch.int64,))
     if neg_idx.dim() != 3 or tuple(neg_idx.shape[:2]) != (k, m):
         raise ValueError(f"neg_idx: expected [K, M, Nneg] with K={k}, M={m}, "
                          f"got {tuple(neg_idx.shape)}")
-    if neg_idx.shape[2] > 0 and bank.shape[1] == 0:
-        raise ValueError("bank: expected Q >= 1 rows to draw the negatives of neg_idx from")
+    if neg_idx.numel() > 0 and bank.shape[0] == 0:
+        raise ValueError("bank: expected R >= 1 rows to draw the negatives of neg_idx from")
     temperature = d.check_positive("temperature", temperature)
     if active is not None:
         d.check_like("active", active, "anchors", anchors, dtype=False)

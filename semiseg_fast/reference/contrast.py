@@ -38,8 +38,8 @@ def _check_sampled(anchors: Tensor, keys_pos: Tensor, bank: Tensor, anchor_idx: 
     k, m = anchor_idx.shape
     if keys_pos.shape != (k, d):
         raise ValueError(f"keys_pos: expected [K, D] = {(k, d)}, got {tuple(keys_pos.shape)}")
-    if bank.dim() != 3 or bank.shape[0] != k or bank.shape[2] != d:
-        raise ValueError(f"bank: expected [K, Q, D] with K={k}, D={d}, got {tuple(bank.shape)}")
+    if bank.dim() != 2 or bank.shape[1] != d:
+        raise ValueError(f"bank: expected key rows [R, D] with D={d}, got {tuple(bank.shape)}")
     if neg_idx.dim() != 3 or neg_idx.shape[:2] != (k, m) or neg_idx.dtype != torch.int64:
         raise ValueError(f"neg_idx: expected int64 [K, M, Nneg] with K={k}, M={m}, got "
                          f"{neg_idx.dtype} {tuple(neg_idx.shape)}")
@@ -52,8 +52,8 @@ def _check_sampled(anchors: Tensor, keys_pos: Tensor, bank: Tensor, anchor_idx: 
             raise ValueError(f"{name}: expected device {anchors.device}, got {t.device}")
     if anchor_idx.numel() and not (0 <= int(anchor_idx.min()) and int(anchor_idx.max()) < n):
         raise ValueError(f"anchor_idx: expected indices in [0, {n})")
-    if neg_idx.numel() and not (0 <= int(neg_idx.min()) and int(neg_idx.max()) < bank.shape[1]):
-        raise ValueError(f"neg_idx: expected indices in [0, {bank.shape[1]})")
+    if neg_idx.numel() and not (0 <= int(neg_idx.min()) and int(neg_idx.max()) < bank.shape[0]):
+        raise ValueError(f"neg_idx: expected row indices in [0, {bank.shape[0]})")
     if not temperature > 0:
         raise ValueError(f"temperature: expected > 0, got {temperature}")
     if active is not None and (active.dtype != torch.bool or active.shape != (k,)):
@@ -71,7 +71,7 @@ def _divisor(num_valid: Number | None, k: int) -> float:
 def _sampled_keys(keys_pos: Tensor, bank: Tensor, neg_idx: Tensor, row: int) -> Tensor:
     """[M, 1 + Nneg, D]: column 0 the prototype, then the sampled negatives."""
     m = neg_idx.shape[1]
-    negatives = bank[row][neg_idx[row]]
+    negatives = bank[neg_idx[row]]
     positive = keys_pos[row].expand(m, 1, -1)
     return torch.cat([positive, negatives], dim=1)
 
@@ -83,9 +83,11 @@ def sampled_contrast(anchors: Tensor, keys_pos: Tensor, bank: Tensor, anchor_idx
     """U2PL contrastive loss over K processed classes (spec 5a).
 
     anchors [N, D]: pixel features (student; the only input that gets a gradient).
-    keys_pos [K, D]: prototype of each processed class. bank [K, Q, D]: that class's negative
-    queue, padded to Q rows. anchor_idx [K, M]: sampled rows of ``anchors`` (duplicates allowed,
-    their gradients add). neg_idx [K, M, Nneg]: sampled rows of ``bank[k]``.
+    keys_pos [K, D]: prototype of each processed class. bank [R, D]: negative key rows (U2PL:
+    every class queue of a ``ClassMemoryBank`` flattened, so a row of any class can be drawn for
+    any processed class without copying the bank). anchor_idx [K, M]: sampled rows of
+    ``anchors`` (duplicates allowed, their gradients add). neg_idx [K, M, Nneg]: sampled rows of
+    ``bank`` for processed class k.
     For row k: l_mn = cos(a_m, [proto, negs]_n) / temperature (torch.cosine_similarity, eps 1e-8),
     loss_k = mean_m CE(l_m, target 0). Returns sum_k active_k loss_k / num_valid, where
     ``num_valid`` (|V| in U2PL) defaults to K and ``active`` (default all True) marks rows that
