@@ -16,7 +16,8 @@ formulation, since the references read sizes on the host; providers are checked 
 or ``official`` (entropy percentile: U2PL's device-to-host copy and ``numpy.percentile``). Modes:
 ``fwd``, ``bwd``, ``fwd+bwd`` for losses, ``fwd`` for statistics.
 
-Bytes floors. Entropy percentile (5d): one read of the logits. Spatial KL (5c): spatial KL forward reads p and q once (2 N elements, N = B C H W);
+Bytes floors. Entropy percentile (5d): one read of the logits. Sampled contrast (5a): the sampled
+anchor, prototype and negative rows read once (plus the anchor gradient written once in backward). Spatial KL (5c): spatial KL forward reads p and q once (2 N elements, N = B C H W);
 the backward reads p and q and writes dq (3 N); forward + backward together: p and q read once and
 dq written once (3 N). The fused path reads p and q in the forward and again in the backward
 (which takes the forward's per-row statistics) and writes dq: 5 N, 1.67x the floor by bytes.
@@ -163,8 +164,36 @@ def entropy_percentile_bench(shape, dtype, device):
     return {name: {"fwd": fn} for name, fn in providers.items()}, {"fwd": floor}
 
 
+def sampled_contrast_cases(smoke: bool):
+    if smoke:
+        return [("smoke", (50, 8, 3, 5, 20, 4))]
+    # U2PL VOC: 8 x 129^2 pixels, 21 classes x 256 anchors x 50 negatives, queues 50000 + 20 x 30000
+    return [("u2pl_voc", (8 * 129 * 129, 256, 21, 256, 50000 + 20 * 30000, 50))]
+
+
+def sampled_contrast_bench(shape, dtype, device):
+    n, d, k, m, rows, nneg = shape
+    g = torch.Generator(device="cpu").manual_seed(0)
+    anchors = torch.randn(n, d, generator=g).to(device, dtype)
+    keys_pos = torch.randn(k, d, generator=g).to(device, dtype)
+    bank = torch.randn(rows, d, generator=g).to(device, dtype)
+    anchor_idx = torch.randint(0, n, (k, m), generator=g).to(device)
+    neg_idx = torch.randint(0, rows, (k, m, nneg), generator=g).to(device)
+    providers = {
+        "fused": lambda a: ops.sampled_contrast(a, keys_pos, bank, anchor_idx, neg_idx, impl="triton"),
+        "reference": lambda a: ops.sampled_contrast(a, keys_pos, bank, anchor_idx, neg_idx, impl="reference"),
+    }
+    # gather-bound: every sampled anchor, prototype and negative row read once (the floor of a
+    # gather; the forward and the backward each need them), the anchor gradient written once
+    gathered = k * m * (nneg + 2) * d * anchors.element_size()
+    floors = {"fwd": gathered, "bwd": gathered + anchors.numel() * anchors.element_size(),
+              "fwd+bwd": gathered + anchors.numel() * anchors.element_size()}
+    return {name: _loss_modes(fn, anchors) for name, fn in providers.items()}, floors
+
+
 OPS = {"spatial_kl": (spatial_kl_cases, spatial_kl_bench),
-       "entropy_percentile": (entropy_percentile_cases, entropy_percentile_bench)}
+       "entropy_percentile": (entropy_percentile_cases, entropy_percentile_bench),
+       "sampled_contrast": (sampled_contrast_cases, sampled_contrast_bench)}
 
 
 # -- driver ---------------------------------------------------------------------------------------
