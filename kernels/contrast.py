@@ -13,7 +13,15 @@ several times gets the sum; the order of those additions is not fixed, so the ba
 deterministic only up to fp32 rounding). Cosines clamp each norm at eps = 1e-8 as
 ``torch.cosine_similarity``; the closed-form gradient is exact while no norm is that small.
 
-``class_bank_contrast`` (CTT HC/LC) has no fused kernel yet: it runs its reference.
+``class_bank_contrast`` (CTT HC / LC): program = a block of anchors against the whole bank
+[C * Q, D], streamed in column tiles through ``tl.dot`` (fp32, IEEE precision: the logits are
+cosines / 0.1 fed to exp, where TF32 rounding would show), never materialising the N x CQ logits
+the official code keeps three copies of. Pass 1 sums NEG_p = sum of e^{s/t} over the valid entries
+of the other classes; pass 2 the per-anchor loss (HC: over the Q positives of its class; LC: its one
+explicit positive). The backward adds pass 3, which accumulates sum_j coef_j g_j with a second
+``tl.dot`` (coef = dl/ds_j from the closed form of ops/contrast.py). Exp without max-subtraction as
+the official code (|s|/t <= 10). The per-class means are a few [C]-sized scatter ops in the
+launcher, on the device.
 """
 from __future__ import annotations
 
@@ -113,4 +121,160 @@ def sampled_contrast_backward(grad, anchors, keys_pos, bank, anchor_idx, neg_idx
     return _launch(anchors, keys_pos, bank, anchor_idx, neg_idx, temperature, active, backward=True, grad=grad)
 
 
-LAUNCHERS = {"sampled_contrast": sampled_contrast, "sampled_contrast_backward": sampled_contrast_backward}
+# -- CTT dense class-bank contrast ----------------------------------------------------------------
+
+_BLOCK_P = 16
+_BLOCK_N = 32
+
+
+@triton.jit
+def _bank_kernel(z_ptr, zn_ptr, lab_ptr, pos_ptr, g_ptr, gcls_ptr, gok_ptr, scale_ptr, loss_ptr, dz_ptr, dp_ptr,
+                 N, NCOL, D, inv_t, eps,
+                 LC: tl.constexpr, BACKWARD: tl.constexpr, POS_GRAD: tl.constexpr,
+                 BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_d = tl.arange(0, BLOCK_D)
+    p_ok = offs_p < N
+    d_ok = offs_d < D
+    lab = tl.load(lab_ptr + offs_p, mask=p_ok, other=-1)
+    anchor = p_ok & (lab >= 0)
+    zrow = offs_p.to(tl.int64)[:, None] * D + offs_d[None, :]
+    zh = tl.load(z_ptr + zrow, mask=p_ok[:, None] & d_ok[None, :], other=0.0)  # unit anchors
+
+    # pass 1: NEG_p over the valid entries of the other classes
+    neg = tl.zeros([BLOCK_P], dtype=tl.float32)
+    for start in range(0, NCOL, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < NCOL
+        g = tl.load(g_ptr + offs_n.to(tl.int64)[:, None] * D + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :],
+                    other=0.0)
+        gcls = tl.load(gcls_ptr + offs_n, mask=n_ok, other=-2)
+        gok = tl.load(gok_ptr + offs_n, mask=n_ok, other=0) != 0
+        x = tl.exp(tl.dot(zh, tl.trans(g), input_precision="ieee") * inv_t)
+        is_neg = (gok & n_ok)[None, :] & (gcls[None, :] != lab[:, None])
+        neg += tl.sum(tl.where(is_neg, x, 0.0), axis=1)
+
+    # pass 2: the loss of each anchor (HC: its class's positives; LC: its explicit positive)
+    loss = tl.zeros([BLOCK_P], dtype=tl.float32)
+    wsum = tl.zeros([BLOCK_P], dtype=tl.float32)  # HC: W_p = sum_k w_k x_k
+    if LC:
+        ph = tl.load(pos_ptr + zrow, mask=p_ok[:, None] & d_ok[None, :], other=0.0)
+        s_pos = tl.sum(zh * ph, axis=1)
+        x_pos = tl.exp(s_pos * inv_t)
+        den = x_pos + neg + eps
+        r = x_pos / den
+        loss = -tl.log(r + eps)
+        w_pos = 1.0 / ((r + eps) * den * den)
+    else:
+        for start in range(0, NCOL, BLOCK_N):
+            offs_n = start + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < NCOL
+            g = tl.load(g_ptr + offs_n.to(tl.int64)[:, None] * D + offs_d[None, :],
+                        mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            gcls = tl.load(gcls_ptr + offs_n, mask=n_ok, other=-2)
+            gok = tl.load(gok_ptr + offs_n, mask=n_ok, other=0) != 0
+            x = tl.exp(tl.dot(zh, tl.trans(g), input_precision="ieee") * inv_t)
+            is_pos = (gok & n_ok)[None, :] & (gcls[None, :] == lab[:, None])
+            den = x + neg[:, None] + eps
+            r = x / den
+            loss += tl.sum(tl.where(is_pos, -tl.log(r + eps), 0.0), axis=1)
+            wsum += tl.sum(tl.where(is_pos, x / ((r + eps) * den * den), 0.0), axis=1)
+
+    if not BACKWARD:
+        tl.store(loss_ptr + offs_p, tl.where(anchor, loss, 0.0), mask=p_ok)
+    else:
+        scale = tl.where(anchor, tl.load(scale_ptr + offs_p, mask=p_ok, other=0.0), 0.0)
+        if LC:
+            wsum = w_pos * x_pos
+        # pass 3: A = sum_j coef_j g_j and B = sum_j coef_j s_j over all columns
+        acc = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
+        b_acc = tl.zeros([BLOCK_P], dtype=tl.float32)
+        for start in range(0, NCOL, BLOCK_N):
+            offs_n = start + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < NCOL
+            g = tl.load(g_ptr + offs_n.to(tl.int64)[:, None] * D + offs_d[None, :],
+                        mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            gcls = tl.load(gcls_ptr + offs_n, mask=n_ok, other=-2)
+            gok = (tl.load(gok_ptr + offs_n, mask=n_ok, other=0) != 0) & n_ok
+            sim = tl.dot(zh, tl.trans(g), input_precision="ieee")
+            x = tl.exp(sim * inv_t)
+            same = gcls[None, :] == lab[:, None]
+            coef = tl.where(gok[None, :] & ~same, wsum[:, None] * x * inv_t, 0.0)
+            if not LC:
+                den = x + neg[:, None] + eps
+                r = x / den
+                w = 1.0 / ((r + eps) * den * den)
+                coef += tl.where(gok[None, :] & same, -w * (neg[:, None] + eps) * x * inv_t, 0.0)
+            acc += tl.dot(coef, g, input_precision="ieee")
+            b_acc += tl.sum(coef * sim, axis=1)
+        zn = tl.load(zn_ptr + offs_p, mask=p_ok, other=1.0)
+        dz = (acc - b_acc[:, None] * zh) / zn[:, None]
+        if LC:
+            c_pos = -w_pos * (neg + eps) * x_pos * inv_t
+            dz += (c_pos[:, None] * (ph - s_pos[:, None] * zh)) / zn[:, None]
+            if POS_GRAD:
+                pn = tl.load(zn_ptr + N + offs_p, mask=p_ok, other=1.0)
+                dp = (c_pos[:, None] * (zh - s_pos[:, None] * ph)) / pn[:, None]
+                tl.store(dp_ptr + zrow, dp * scale[:, None], mask=p_ok[:, None] & d_ok[None, :])
+        tl.store(dz_ptr + zrow, dz * scale[:, None], mask=p_ok[:, None] & d_ok[None, :])
+
+
+def _unit(x):
+    norm = x.float().norm(dim=-1, keepdim=True)
+    return torch.where(norm > 0, x.float() / norm, 0.0), norm.squeeze(-1)
+
+
+def _bank_launch(z, labels, bank, positive, fill, mode, temperature, eps, grad=None, positive_grad=False):
+    n, d = z.shape
+    c, q = bank.shape[:2]
+    device = z.device
+    lc = mode == "lc"
+    zh, zn = _unit(z)
+    g, _ = _unit(bank.reshape(c * q, d))
+    gcls = torch.arange(c, device=device).repeat_interleave(q)
+    counts = torch.full((c,), q, dtype=torch.int64, device=device) if fill is None else fill.long()
+    gok = (torch.arange(q, device=device).repeat(c) < counts.repeat_interleave(q)).to(torch.uint8)
+    lab = labels.long()
+    ph, pn = _unit(positive) if lc else (zh, zn)
+    # per-class anchor counts and which classes count in the mean (HC: a non-empty bank too)
+    is_anchor = (lab >= 0) & (lab < c)
+    per_class = torch.zeros(c + 1, dtype=torch.int64, device=device).index_add_(
+        0, torch.where(is_anchor, lab, c), torch.ones_like(lab))[:c]
+    counted = (per_class > 0) if lc else (per_class > 0) & (counts > 0)
+    n_counted = counted.sum().clamp(min=1).float()
+    denom = per_class.float() if lc else per_class.float() * counts.float()
+    weight_c = torch.where(counted, 1.0 / (denom.clamp(min=1) * n_counted), 0.0)  # [C]
+    weight_p = torch.where(is_anchor, weight_c.index_select(0, lab.clamp(0, c - 1)), 0.0)
+    lab32 = torch.where(is_anchor, lab, -1).to(torch.int32)
+    backward = grad is not None
+    loss = torch.empty(n, dtype=torch.float32, device=device)
+    dz = torch.empty((n, d), dtype=torch.float32, device=device) if backward else loss
+    dp = torch.empty((n, d), dtype=torch.float32, device=device) if backward and positive_grad else dz
+    scale = (weight_p * grad.float()).contiguous() if backward else loss
+    norms = torch.cat((zn, pn)).contiguous()
+    if n:
+        _bank_kernel[(triton.cdiv(n, _BLOCK_P),)](
+            zh, norms, lab32, ph, g, gcls, gok, scale, loss, dz, dp, n, c * q, d, 1.0 / float(temperature),
+            float(eps), LC=lc, BACKWARD=backward, POS_GRAD=bool(positive_grad), BLOCK_P=_BLOCK_P,
+            BLOCK_N=_BLOCK_N, BLOCK_D=triton.next_power_of_2(d))
+    if backward:
+        out = [dz.to(z.dtype)]
+        if positive_grad:
+            out.append(dp.to(positive.dtype))
+        return out
+    if not n:
+        return z.new_zeros(())
+    return (loss * weight_p).sum().to(z.dtype)
+
+
+def class_bank_contrast(z, labels, bank, positive, fill, mode, temperature, eps):
+    return _bank_launch(z, labels, bank, positive, fill, mode, temperature, eps)
+
+
+def class_bank_contrast_backward(grad, z, labels, bank, positive, fill, mode, temperature, eps, positive_grad):
+    return _bank_launch(z, labels, bank, positive, fill, mode, temperature, eps, grad=grad,
+                        positive_grad=positive_grad)
+
+
+LAUNCHERS = {"sampled_contrast": sampled_contrast, "sampled_contrast_backward": sampled_contrast_backward,
+             "class_bank_contrast": class_bank_contrast, "class_bank_contrast_backward": class_bank_contrast_backward}
