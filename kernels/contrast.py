@@ -8,9 +8,9 @@ partial sum; the launcher adds them in a fixed order (deterministic forward).
 
 ``sampled_contrast_backward``: the same stream twice per program (log-sum-exp first, then the
 gradient sum_n (softmax_n - [n = 0]) (k_n / (|a| |k_n|) - cos_n a / |a|^2)), scaled by
-grad / (M tau) for active rows, and scatter-added into d_anchors with fp32 atomics (a pixel drawn
-several times gets the sum; the order of those additions is not fixed, so the backward is
-deterministic only up to fp32 rounding). Cosines clamp each norm at eps = 1e-8 as
+grad / (M tau) for active rows, written as one fp32 row per sample [K M, D] (5.5 MB at U2PL's
+21 x 256 x 256) and summed into d_anchors by ``index_put_(accumulate=True)``: a pixel drawn
+several times gets the sum, bit-reproducibly when ``torch.use_deterministic_algorithms`` is on. Cosines clamp each norm at eps = 1e-8 as
 ``torch.cosine_similarity``; the closed-form gradient is exact while no norm is that small.
 
 ``class_bank_contrast`` (CTT HC / LC): program = a block of anchors against the whole bank
@@ -88,9 +88,11 @@ def _sampled_kernel(a_ptr, pos_ptr, bank_ptr, aidx_ptr, nidx_ptr, active_ptr, ou
             c, key, kn = _unit_cos(a, a_norm, bank_ptr + r[:, None] * D, offs_d, d_ok, m_ok, D, eps)
             w = tl.exp(c * inv_t - lse)
             grad += w[:, None] * (key / (a_norm * kn)[:, None] - (c / (a_norm * a_norm))[:, None] * a)
-        # inactive rows add zeros (a multiplier, not a mask: a scalar in the mask trips the interpreter)
+        # one row per sample (inactive rows write zeros: a multiplier, not a mask, since a scalar in
+        # the mask trips the interpreter); the launcher sums duplicates
         grad = grad * tl.where(active, scale, 0.0)
-        tl.atomic_add(dgrad_ptr + rows[:, None] * D + offs_d[None, :], grad, mask=m_ok[:, None] & d_ok[None, :])
+        sample = (k.to(tl.int64) * M + offs_m)[:, None] * D
+        tl.store(dgrad_ptr + sample + offs_d[None, :], grad, mask=m_ok[:, None] & d_ok[None, :])
 
 
 def _launch(anchors, keys_pos, bank, anchor_idx, neg_idx, temperature, active, backward, grad=None):
@@ -101,7 +103,7 @@ def _launch(anchors, keys_pos, bank, anchor_idx, neg_idx, temperature, active, b
     act = (torch.ones(k, dtype=torch.bool, device=device) if active is None else active).view(torch.uint8)
     blocks = triton.cdiv(m, _BLOCK_M)
     partial = torch.zeros((k, blocks), dtype=torch.float32, device=device)
-    dgrad = torch.zeros(anchors.shape, dtype=torch.float32, device=device) if backward else partial
+    dgrad = torch.empty((k * m, anchors.shape[1]), dtype=torch.float32, device=device) if backward else partial
     scale = grad.float().reshape(1) if backward else partial
     if k and m:
         _sampled_kernel[(k, blocks)](anchors, keys_pos, bank if bank.numel() else keys_pos, anchor_idx,
@@ -109,7 +111,11 @@ def _launch(anchors, keys_pos, bank, anchor_idx, neg_idx, temperature, active, b
                                      _EPS, BACKWARD=backward, BLOCK_M=_BLOCK_M,
                                      BLOCK_D=triton.next_power_of_2(d))
     if backward:
-        return dgrad.to(anchors.dtype)
+        # duplicates add up through index_put_(accumulate=True): deterministic under
+        # torch.use_deterministic_algorithms (sort-based), atomics otherwise
+        out = torch.zeros(anchors.shape, dtype=torch.float32, device=device)
+        out.index_put_((anchor_idx.reshape(-1),), dgrad, accumulate=True)
+        return out.to(anchors.dtype)
     return (partial.sum(dim=1) / max(m, 1)).sum().to(anchors.dtype)
 
 

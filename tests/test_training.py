@@ -141,9 +141,10 @@ def test_method_losses_capture_in_one_graph(tmp_path, method):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("method", ["supervised", "fixmatch", "unimatch", "ipixmatch", "u2pl", "ctt"])
+@pytest.mark.parametrize("method", ["supervised", "fixmatch", "unimatch", "ipixmatch", "u2pl", "ctt", "mllc"])
 def test_cuda_step_never_syncs_and_compiles(tmp_path, method):
-    # u2pl, ctt: their entropy/percentile/rank/contrast ops are fused and their banks sync-free
+    # u2pl, ctt: fused entropy/percentile/rank/contrast ops and sync-free banks; mllc: its dense
+    # graph references use no host reads either
     cfg = tiny(tmp_path, method=method, iters=6, device="cuda", compile="off", u2pl_sup_only=0.0)
     trainer = Trainer(cfg, echo=lambda *a: None)
     trainer.train_step()  # warm-up: allocator, cuDNN/cuBLAS handles
@@ -163,8 +164,7 @@ def test_cuda_step_never_syncs_and_compiles(tmp_path, method):
 @pytest.mark.gpu
 @pytest.mark.parametrize("method", ["u2pl", "ctt", "mllc"])
 def test_bank_and_graph_methods_train_on_cuda_with_compile(tmp_path, method):
-    # MLLC's graph ops still run their references, which read sizes on the host, so it has no sync
-    # test yet; this checks device placement, bf16 autocast and capture for the three
+    # device placement, bf16 autocast and capture of the three bank/graph methods
     cfg = tiny(tmp_path, method=method, iters=4, device="cuda", compile="on", u2pl_sup_only=0.0)
     metrics = Trainer(cfg, echo=lambda *a: None).train()
     assert metrics is not None and metrics.miou == metrics.miou
