@@ -16,6 +16,9 @@ formulation, since the references read sizes on the host; providers are checked 
 or ``official`` (entropy percentile: U2PL's device-to-host copy and ``numpy.percentile``). Modes:
 ``fwd``, ``bwd``, ``fwd+bwd`` for losses, ``fwd`` for statistics.
 
+Class-bank contrast (5a, CTT) is GEMM-bound: its rows give TFLOP/s for the anchors x bank products
+(forward 1, backward 2) against a square matmul at the same precision timed in the same run.
+
 Bytes floors. Entropy percentile (5d): one read of the logits. Sampled contrast (5a): the sampled
 anchor, prototype and negative rows read once (plus the anchor gradient written once in backward). Spatial KL (5c): spatial KL forward reads p and q once (2 N elements, N = B C H W);
 the backward reads p and q and writes dq (3 N); forward + backward together: p and q read once and
@@ -41,7 +44,8 @@ from semiseg_fast import reference as ref
 RESULTS = Path(__file__).resolve().parent / "results"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FIELDS = ["date", "commit", "device", "torch", "triton", "op", "case", "dtype", "provider", "mode",
-          "ms_median", "ms_p20", "ms_p80", "peak_mb", "floor_mb", "gb_s", "copy_gb_s", "pct_of_copy"]
+          "ms_median", "ms_p20", "ms_p80", "peak_mb", "floor_mb", "gb_s", "copy_gb_s", "pct_of_copy",
+          "gflop", "tflop_s", "matmul_tflop_s", "pct_of_matmul"]
 
 
 def _timer(fn: Callable[[], object], device: torch.device) -> tuple[float, float, float]:
@@ -68,6 +72,21 @@ def copy_bandwidth(device: torch.device, mb: int = 1024) -> float:
     dst = torch.empty_like(src)
     med, _, _ = _timer(lambda: dst.copy_(src), device)
     return 2 * src.numel() * 4 / (med * 1e-3) / 1e9
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
+    """TFLOP/s of a square matmul at ``dtype`` (fp32 at IEEE precision, as the fused GEMM kernels
+    use), the ceiling the GEMM-bound ops are compared with."""
+    n = 8192 if device.type == "cuda" else 512
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        med, _, _ = _timer(lambda: a @ b, device)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+    return 2 * n**3 / (med * 1e-3) / 1e12
 
 
 # -- cases ----------------------------------------------------------------------------------------
@@ -191,7 +210,34 @@ def sampled_contrast_bench(shape, dtype, device):
     return {name: _loss_modes(fn, anchors) for name, fn in providers.items()}, floors
 
 
+def class_bank_contrast_cases(smoke: bool):
+    if smoke:
+        return [("smoke_hc", (40, 16, 3, 8, "hc"))]
+    # CTT VOC: 10 + 10 images at 41 x 41 = 33,620 anchors; City: 2 + 2 at 33 x 65 = 8,580
+    return [("voc_hc", (33620, 256, 21, 256, "hc")), ("voc_lc", (33620, 256, 21, 512, "lc")),
+            ("city_hc", (8580, 256, 19, 256, "hc"))]
+
+
+def class_bank_contrast_bench(shape, dtype, device):
+    n, d, c, q, mode = shape
+    g = torch.Generator(device="cpu").manual_seed(0)
+    z = torch.randn(n, d, generator=g).to(device, dtype)
+    labels = torch.randint(0, c, (n,), generator=g).to(device)
+    bank = torch.nn.functional.normalize(torch.randn(c, q, d, generator=g), dim=2).to(device, dtype)
+    positive = torch.randn(n, d, generator=g).to(device, dtype) if mode == "lc" else None
+    providers = {
+        "fused": lambda z_: ops.class_bank_contrast(z_, labels, bank, mode, positive=positive, impl="triton"),
+        "reference": lambda z_: ops.class_bank_contrast(z_, labels, bank, mode, positive=positive,
+                                                        impl="reference"),
+    }
+    gemm = 2 * n * c * q * d  # one anchors x bank product
+    # FLOP floor: forward one product, backward one recompute plus the gradient product
+    floors = {"fwd": ("flop", gemm), "bwd": ("flop", 2 * gemm), "fwd+bwd": ("flop", 3 * gemm)}
+    return {name: _loss_modes(fn, z) for name, fn in providers.items()}, floors
+
+
 OPS = {"spatial_kl": (spatial_kl_cases, spatial_kl_bench),
+       "class_bank_contrast": (class_bank_contrast_cases, class_bank_contrast_bench),
        "entropy_percentile": (entropy_percentile_cases, entropy_percentile_bench),
        "sampled_contrast": (sampled_contrast_cases, sampled_contrast_bench)}
 
@@ -241,7 +287,7 @@ def run(op_names, dtype_names, smoke: bool, device: torch.device, out: Path | No
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     copy = copy_bandwidth(device)
     echo(f"device {device_name}, copy bandwidth {copy:.0f} GB/s, torch {env['torch']}, triton {env['triton']}")
-    rows = []
+    rows, rates = [], {}
     for op in op_names:
         cases, build = OPS[op]
         for case, shape in cases(smoke):
@@ -255,15 +301,26 @@ def run(op_names, dtype_names, smoke: bool, device: torch.device, out: Path | No
                             base = torch.cuda.memory_allocated(device)
                         med, p20, p80 = _timer(closure, device)
                         peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if device.type == "cuda" else 0.0
-                        gb_s = floors[mode] / (med * 1e-3) / 1e9
                         row = {**env, "device": device_name, "op": op, "case": case, "dtype": dtype_name,
                                "provider": provider, "mode": mode, "ms_median": f"{med:.4f}", "ms_p20": f"{p20:.4f}",
-                               "ms_p80": f"{p80:.4f}", "peak_mb": f"{peak:.1f}", "floor_mb": f"{floors[mode] / 2**20:.1f}",
-                               "gb_s": f"{gb_s:.1f}", "copy_gb_s": f"{copy:.0f}", "pct_of_copy": f"{100 * gb_s / copy:.1f}"}
+                               "ms_p80": f"{p80:.4f}", "peak_mb": f"{peak:.1f}", "copy_gb_s": f"{copy:.0f}"}
+                        floor = floors[mode]
+                        if isinstance(floor, tuple):  # GEMM-bound: FLOPs against the matmul rate
+                            if dtype_name not in rates:
+                                rates[dtype_name] = matmul_rate(device, DTYPES[dtype_name])
+                            tflop_s = floor[1] / (med * 1e-3) / 1e12
+                            row |= {"gflop": f"{floor[1] / 1e9:.2f}", "tflop_s": f"{tflop_s:.2f}",
+                                    "matmul_tflop_s": f"{rates[dtype_name]:.1f}",
+                                    "pct_of_matmul": f"{100 * tflop_s / rates[dtype_name]:.1f}"}
+                            rate = f"{tflop_s:7.2f} TFLOP/s ({row['pct_of_matmul']}% of matmul)"
+                        else:
+                            gb_s = floor / (med * 1e-3) / 1e9
+                            row |= {"floor_mb": f"{floor / 2**20:.1f}", "gb_s": f"{gb_s:.1f}",
+                                    "pct_of_copy": f"{100 * gb_s / copy:.1f}"}
+                            rate = f"{gb_s:7.1f} GB/s ({row['pct_of_copy']}% of copy)"
                         rows.append(row)
                         echo(f"{op:<11} {case:<8} {dtype_name:<5} {provider:<9} {mode:<8} {med:9.3f} ms "
-                             f"[{p20:.3f}, {p80:.3f}]  {gb_s:7.1f} GB/s ({row['pct_of_copy']}% of copy)  "
-                             f"peak {peak:.0f} MB")
+                             f"[{p20:.3f}, {p80:.3f}]  {rate}  peak {peak:.0f} MB")
     if out is not None and rows:
         out.parent.mkdir(parents=True, exist_ok=True)
         new = not out.exists()

@@ -27,13 +27,14 @@ def test_op_benchmark_smoke_writes_csv_rows(tmp_path):
     from profiling import bench_ops
 
     out = tmp_path / "cpu.csv"
-    rows = bench_ops.run(["spatial_kl", "entropy_percentile", "sampled_contrast"], ["fp32"], smoke=True, device=torch.device("cpu"),
+    rows = bench_ops.run(["spatial_kl", "entropy_percentile", "sampled_contrast", "class_bank_contrast"], ["fp32"], smoke=True, device=torch.device("cpu"),
                          out=out, echo=lambda *a: None)
     assert {(r["op"], r["provider"], r["mode"]) for r in rows} == {
         ("spatial_kl", p, m) for p in ("fused", "reference", "compiled") for m in ("fwd", "bwd", "fwd+bwd")} | {
         ("entropy_percentile", p, "fwd") for p in ("fused", "reference", "official")} | {
-        ("sampled_contrast", p, m) for p in ("fused", "reference") for m in ("fwd", "bwd", "fwd+bwd")}
+        (op, p, m) for op in ("sampled_contrast", "class_bank_contrast") for p in ("fused", "reference")
+        for m in ("fwd", "bwd", "fwd+bwd")}
     with out.open() as f:
         written = list(csv.DictReader(f))
-    assert len(written) == 18 and all(float(r["ms_median"]) > 0 for r in written)
+    assert len(written) == 24 and float(written[-1]["matmul_tflop_s"]) > 0 and written[-1]["tflop_s"] and all(float(r["ms_median"]) > 0 for r in written)
     assert written[0]["commit"] and written[0]["torch"] == torch.__version__
