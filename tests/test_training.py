@@ -143,8 +143,7 @@ def test_method_losses_capture_in_one_graph(tmp_path, method):
 @pytest.mark.gpu
 @pytest.mark.parametrize("method", ["supervised", "fixmatch", "unimatch", "ipixmatch", "u2pl", "ctt", "mllc"])
 def test_cuda_step_never_syncs_and_compiles(tmp_path, method):
-    # u2pl, ctt: fused entropy/percentile/rank/contrast ops and sync-free banks; mllc: its dense
-    # graph references use no host reads either
+    # u2pl, ctt, mllc: fused entropy/percentile/rank/contrast/graph ops and sync-free banks
     cfg = tiny(tmp_path, method=method, iters=6, device="cuda", compile="off", u2pl_sup_only=0.0)
     trainer = Trainer(cfg, echo=lambda *a: None)
     trainer.train_step()  # warm-up: allocator, cuDNN/cuBLAS handles
