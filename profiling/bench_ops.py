@@ -16,8 +16,10 @@ formulation, since the references read sizes on the host; providers are checked 
 or ``official`` (entropy percentile: U2PL's device-to-host copy and ``numpy.percentile``). Modes:
 ``fwd``, ``bwd``, ``fwd+bwd`` for losses, ``fwd`` for statistics.
 
-Class-bank contrast (5a, CTT) is GEMM-bound: its rows give TFLOP/s for the anchors x bank products
-(forward 1, backward 2) against a square matmul at the same precision timed in the same run.
+Class-bank contrast (5a, CTT) and the MLLC semantic graph (5b) are GEMM-bound: their rows give
+TFLOP/s for the useful products (contrast: anchors x bank, forward 1, backward 2; graph: the
+similarity and A^ Z, once each direction) against a square matmul at the same precision timed in
+the same run.
 
 Bytes floors. Entropy percentile (5d): one read of the logits. Sampled contrast (5a): the sampled
 anchor, prototype and negative rows read once (plus the anchor gradient written once in backward). Spatial KL (5c): spatial KL forward reads p and q once (2 N elements, N = B C H W);
@@ -236,7 +238,32 @@ def class_bank_contrast_bench(shape, dtype, device):
     return {name: _loss_modes(fn, z) for name, fn in providers.items()}, floors
 
 
+def graph_mix_cases(smoke: bool):
+    if smoke:
+        return [("smoke", (40, 5, 16))]
+    # MLLC: one image's graph at 1/8 of a 321 crop (VOC, 41 x 41) and of 256 x 512 (City, 33 x 65)
+    return [("voc", (1681, 21, 256)), ("city", (2145, 19, 256))]
+
+
+def graph_mix_bench(shape, dtype, device):
+    n, c, d = shape
+    g = torch.Generator(device="cpu").manual_seed(0)
+    z = torch.randn(n, c, generator=g).to(device, dtype)
+    f = torch.randn(n, d, generator=g).to(device, dtype)
+    eta = torch.full((c,), 0.5, device=device, dtype=dtype)
+    providers = {
+        "fused": lambda z_: ops.graph_mix(z_, f, eta, k=21, impl="triton")[0].float().square().mean(),
+        "reference": lambda z_: ops.graph_mix(z_, f, eta, k=21, impl="reference")[0].float().square().mean(),
+    }
+    sim = 2 * n * n * d  # one similarity product; the fused forward computes it 5 times (top-k,
+    # degree and apply passes, the last two with the transposed tile)
+    floors = {"fwd": ("flop", sim + 2 * n * n * c), "bwd": ("flop", sim + 2 * n * n * c),
+              "fwd+bwd": ("flop", 2 * (sim + 2 * n * n * c))}
+    return {name: _loss_modes(fn, z) for name, fn in providers.items()}, floors
+
+
 OPS = {"spatial_kl": (spatial_kl_cases, spatial_kl_bench),
+       "graph_mix": (graph_mix_cases, graph_mix_bench),
        "class_bank_contrast": (class_bank_contrast_cases, class_bank_contrast_bench),
        "entropy_percentile": (entropy_percentile_cases, entropy_percentile_bench),
        "sampled_contrast": (sampled_contrast_cases, sampled_contrast_bench)}
