@@ -134,6 +134,19 @@ _BLOCK_N = 32
 
 
 @triton.jit
+def _bank_tile(zh, g_ptr, gcls_ptr, gok_ptr, start, offs_d, d_ok, NCOL, D, BLOCK_N: tl.constexpr):
+    """Cosines of the anchor block with bank columns [start, start + BLOCK_N), with the columns'
+    classes and validity; returns (sim [P, N], g [N, D], class [N], valid [N])."""
+    offs_n = start + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < NCOL
+    g = tl.load(g_ptr + offs_n.to(tl.int64)[:, None] * D + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :],
+                other=0.0)
+    gcls = tl.load(gcls_ptr + offs_n, mask=n_ok, other=-2)
+    gok = (tl.load(gok_ptr + offs_n, mask=n_ok, other=0) != 0) & n_ok
+    return tl.dot(zh, tl.trans(g), input_precision="ieee"), g, gcls, gok
+
+
+@triton.jit
 def _bank_kernel(z_ptr, zn_ptr, lab_ptr, pos_ptr, g_ptr, gcls_ptr, gok_ptr, scale_ptr, loss_ptr, dz_ptr, dp_ptr,
                  N, NCOL, D, inv_t, eps,
                  LC: tl.constexpr, BACKWARD: tl.constexpr, POS_GRAD: tl.constexpr,
@@ -150,14 +163,9 @@ def _bank_kernel(z_ptr, zn_ptr, lab_ptr, pos_ptr, g_ptr, gcls_ptr, gok_ptr, scal
     # pass 1: NEG_p over the valid entries of the other classes
     neg = tl.zeros([BLOCK_P], dtype=tl.float32)
     for start in range(0, NCOL, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < NCOL
-        g = tl.load(g_ptr + offs_n.to(tl.int64)[:, None] * D + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :],
-                    other=0.0)
-        gcls = tl.load(gcls_ptr + offs_n, mask=n_ok, other=-2)
-        gok = tl.load(gok_ptr + offs_n, mask=n_ok, other=0) != 0
-        x = tl.exp(tl.dot(zh, tl.trans(g), input_precision="ieee") * inv_t)
-        is_neg = (gok & n_ok)[None, :] & (gcls[None, :] != lab[:, None])
+        sim, _, gcls, gok = _bank_tile(zh, g_ptr, gcls_ptr, gok_ptr, start, offs_d, d_ok, NCOL, D, BLOCK_N)
+        x = tl.exp(sim * inv_t)
+        is_neg = gok[None, :] & (gcls[None, :] != lab[:, None])
         neg += tl.sum(tl.where(is_neg, x, 0.0), axis=1)
 
     # pass 2: the loss of each anchor (HC: its class's positives; LC: its explicit positive)
@@ -173,14 +181,9 @@ def _bank_kernel(z_ptr, zn_ptr, lab_ptr, pos_ptr, g_ptr, gcls_ptr, gok_ptr, scal
         w_pos = 1.0 / ((r + eps) * den * den)
     else:
         for start in range(0, NCOL, BLOCK_N):
-            offs_n = start + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < NCOL
-            g = tl.load(g_ptr + offs_n.to(tl.int64)[:, None] * D + offs_d[None, :],
-                        mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-            gcls = tl.load(gcls_ptr + offs_n, mask=n_ok, other=-2)
-            gok = tl.load(gok_ptr + offs_n, mask=n_ok, other=0) != 0
-            x = tl.exp(tl.dot(zh, tl.trans(g), input_precision="ieee") * inv_t)
-            is_pos = (gok & n_ok)[None, :] & (gcls[None, :] == lab[:, None])
+            sim, _, gcls, gok = _bank_tile(zh, g_ptr, gcls_ptr, gok_ptr, start, offs_d, d_ok, NCOL, D, BLOCK_N)
+            x = tl.exp(sim * inv_t)
+            is_pos = gok[None, :] & (gcls[None, :] == lab[:, None])
             den = x + neg[:, None] + eps
             r = x / den
             loss += tl.sum(tl.where(is_pos, -tl.log(r + eps), 0.0), axis=1)
@@ -196,13 +199,7 @@ def _bank_kernel(z_ptr, zn_ptr, lab_ptr, pos_ptr, g_ptr, gcls_ptr, gok_ptr, scal
         acc = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
         b_acc = tl.zeros([BLOCK_P], dtype=tl.float32)
         for start in range(0, NCOL, BLOCK_N):
-            offs_n = start + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < NCOL
-            g = tl.load(g_ptr + offs_n.to(tl.int64)[:, None] * D + offs_d[None, :],
-                        mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-            gcls = tl.load(gcls_ptr + offs_n, mask=n_ok, other=-2)
-            gok = (tl.load(gok_ptr + offs_n, mask=n_ok, other=0) != 0) & n_ok
-            sim = tl.dot(zh, tl.trans(g), input_precision="ieee")
+            sim, g, gcls, gok = _bank_tile(zh, g_ptr, gcls_ptr, gok_ptr, start, offs_d, d_ok, NCOL, D, BLOCK_N)
             x = tl.exp(sim * inv_t)
             same = gcls[None, :] == lab[:, None]
             coef = tl.where(gok[None, :] & ~same, wsum[:, None] * x * inv_t, 0.0)

@@ -48,18 +48,26 @@ def _omega_tile(p_ptr, ign_ptr, b, offs_c, offs_j, C, HW, tau, HAS_IGNORE: tl.co
 
 
 @triton.jit
+def _tiles(p_ptr, q_ptr, ign_ptr, C, HW, tau, HAS_IGNORE: tl.constexpr, BLOCK_C: tl.constexpr,
+           BLOCK_J: tl.constexpr):
+    """The program's p and q tiles (fp32), Omega, the kept (class, pixel) mask and the offsets."""
+    b = tl.program_id(0)
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
+    p, omega = _omega_tile(p_ptr, ign_ptr, b, offs_c, offs_j, C, HW, tau, HAS_IGNORE)
+    c_ok = offs_c < C
+    in_range = c_ok[:, None] & (offs_j < HW)[None, :]
+    offs = b.to(tl.int64) * C * HW + offs_c[:, None].to(tl.int64) * HW + offs_j[None, :]
+    q = tl.load(q_ptr + offs, mask=in_range, other=0.0).to(tl.float32)
+    return p, q, omega, c_ok[:, None] & omega[None, :], offs, in_range, offs_c
+
+
+@triton.jit
 def _kl_partials_kernel(p_ptr, q_ptr, ign_ptr, stats_ptr, count_ptr, C, HW, S, inv_t, tau,
                         HAS_IGNORE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_J: tl.constexpr):
     b = tl.program_id(0)
     s = tl.program_id(1)
-    offs_c = tl.arange(0, BLOCK_C)
-    offs_j = s * BLOCK_J + tl.arange(0, BLOCK_J)
-    p, omega = _omega_tile(p_ptr, ign_ptr, b, offs_c, offs_j, C, HW, tau, HAS_IGNORE)
-    c_ok = offs_c < C
-    j_ok = offs_j < HW
-    q_ptrs = q_ptr + b.to(tl.int64) * C * HW + offs_c[:, None].to(tl.int64) * HW + offs_j[None, :]
-    q = tl.load(q_ptrs, mask=c_ok[:, None] & j_ok[None, :], other=0.0).to(tl.float32)
-    keep = c_ok[:, None] & omega[None, :]
+    p, q, omega, keep, _, _, offs_c = _tiles(p_ptr, q_ptr, ign_ptr, C, HW, tau, HAS_IGNORE, BLOCK_C, BLOCK_J)
 
     a = tl.where(keep, p * inv_t, _NEG_INF)
     m_p = tl.max(a, axis=1)
@@ -87,21 +95,15 @@ def _kl_partials_kernel(p_ptr, q_ptr, ign_ptr, stats_ptr, count_ptr, C, HW, S, i
 def _kl_grad_kernel(p_ptr, q_ptr, ign_ptr, lse_ptr, scale_ptr, dq_ptr, C, HW, inv_t, tau,
                     HAS_IGNORE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_J: tl.constexpr):
     b = tl.program_id(0)
-    s = tl.program_id(1)
-    offs_c = tl.arange(0, BLOCK_C)
-    offs_j = s * BLOCK_J + tl.arange(0, BLOCK_J)
-    p, omega = _omega_tile(p_ptr, ign_ptr, b, offs_c, offs_j, C, HW, tau, HAS_IGNORE)
+    p, q, omega, keep, offs, in_range, offs_c = _tiles(p_ptr, q_ptr, ign_ptr, C, HW, tau, HAS_IGNORE, BLOCK_C,
+                                                       BLOCK_J)
     c_ok = offs_c < C
-    j_ok = offs_j < HW
-    offs = b.to(tl.int64) * C * HW + offs_c[:, None].to(tl.int64) * HW + offs_j[None, :]
-    q = tl.load(q_ptr + offs, mask=c_ok[:, None] & j_ok[None, :], other=0.0).to(tl.float32)
     lse_p = tl.load(lse_ptr + (b.to(tl.int64) * 2) * C + offs_c, mask=c_ok, other=0.0)
     lse_q = tl.load(lse_ptr + (b.to(tl.int64) * 2 + 1) * C + offs_c, mask=c_ok, other=0.0)
     scale = tl.load(scale_ptr + b)
-    keep = c_ok[:, None] & omega[None, :]
     g = tl.exp(q * inv_t - lse_q[:, None]) - tl.exp(p * inv_t - lse_p[:, None])
     dq = tl.where(keep, g, 0.0) * scale
-    tl.store(dq_ptr + offs, dq.to(dq_ptr.dtype.element_ty), mask=c_ok[:, None] & j_ok[None, :])
+    tl.store(dq_ptr + offs, dq.to(dq_ptr.dtype.element_ty), mask=in_range)
 
 
 def _statistics(p, q, temperature, tau, ignore):
