@@ -259,7 +259,7 @@ def _bank_launch(z, labels, bank, positive, fill, mode, temperature, eps, grad=N
         _bank_kernel[(triton.cdiv(n, _BLOCK_P),)](
             zh, norms, lab32, ph, g, gcls, gok, scale, loss, dz, dp, n, c * q, d, 1.0 / float(temperature),
             float(eps), LC=lc, BACKWARD=backward, POS_GRAD=bool(positive_grad), BLOCK_P=_BLOCK_P,
-            BLOCK_N=_BLOCK_N, BLOCK_D=triton.next_power_of_2(d))
+            BLOCK_N=_BLOCK_N, BLOCK_D=max(16, triton.next_power_of_2(d)))  # tl.dot needs K >= 16
     if backward:
         out = [dz.to(z.dtype)]
         if positive_grad:

@@ -123,7 +123,7 @@ def _semantic_graph(F: torch.Tensor, k: int):
     theta = torch.empty(n, dtype=torch.float32, device=F.device)
     deg = torch.empty(n, dtype=torch.float32, device=F.device)
     grid = (triton.cdiv(n, _BLOCK_R),)
-    block_d = triton.next_power_of_2(d)
+    block_d = max(16, triton.next_power_of_2(d))  # tl.dot needs K >= 16 on GPUs
     _topk_kernel[grid](f, theta, n, d, k, BLOCK_R=_BLOCK_R, BLOCK_N=_BLOCK_N, KP=_KP, BLOCK_D=block_d)
     _degree_kernel[grid](f, theta, deg, n, d, BLOCK_R=_BLOCK_R, BLOCK_N=_BLOCK_N, BLOCK_D=block_d)
     return f, theta, torch.pow(deg + 1e-10, -0.5)
@@ -135,7 +135,7 @@ def _apply(graph, X: torch.Tensor) -> torch.Tensor:
     x = X.float().contiguous()
     out = torch.empty_like(x)
     _apply_kernel[(triton.cdiv(n, _BLOCK_R),)](f, theta, dinv, x, out, n, d, x.shape[1], BLOCK_R=_BLOCK_R,
-                                               BLOCK_N=_BLOCK_N, BLOCK_D=triton.next_power_of_2(d),
+                                               BLOCK_N=_BLOCK_N, BLOCK_D=max(16, triton.next_power_of_2(d)),
                                                BLOCK_X=max(triton.next_power_of_2(x.shape[1]), 16))
     return out
 
