@@ -441,3 +441,17 @@ def test_hot_path_on_cuda_without_syncs():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert big[0].fill.tolist() == [6, 3, 4]
+
+
+def test_enqueue_rows_equals_enqueue_of_the_gathered_keys():
+    g = torch.Generator().manual_seed(3)
+    keys = torch.randn(9, 4, generator=g)
+    rows = torch.arange(9).repeat(3)  # every key offered to three queues
+    labels = torch.arange(3).repeat_interleave(9)
+    valid = torch.rand(27, generator=g) < 0.6
+    a = ClassMemoryBank(3, 4, [5, 4, 6])
+    b = ClassMemoryBank(3, 4, [5, 4, 6])
+    a.enqueue(keys, labels, valid, rows=rows)
+    b.enqueue(keys[rows], labels, valid)
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k

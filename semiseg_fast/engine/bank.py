@@ -319,7 +319,7 @@ class ClassMemoryBank(nn.Module):
 
     @torch.no_grad()
     def enqueue(self, keys: Tensor, labels: Tensor, valid: Tensor | None = None,
-                order: Tensor | None = None) -> Tensor:
+                order: Tensor | None = None, rows: Tensor | None = None) -> Tensor:
         """Append ``keys`` [N, D] to the queues of ``labels`` [N]; returns the counts [C] offered.
 
         Keys of one class enter in input order (or ascending ``order`` [N], ties by input index).
@@ -327,6 +327,10 @@ class ClassMemoryBank(nn.Module):
         if they had been pushed one by one into a ``deque(maxlen=cap)``. Keys with ``valid``
         False or a label outside [0, C) (U2PL/CTT ignore label 255) are skipped. Keys are
         detached and cast to the bank dtype.
+
+        ``rows`` (int64 [L]) offers ``keys[rows]`` instead of ``keys``, with ``labels``, ``valid``
+        and ``order`` of length L: a key can go to several queues (U2PL's negatives) without the
+        caller materialising the repeated keys.
         """
         if keys.dim() != 2 or keys.shape[1] != self.dim or not keys.is_floating_point():
             raise ValueError(f"keys: expected floating [N, {self.dim}], got {keys.dtype} "
@@ -335,6 +339,9 @@ class ClassMemoryBank(nn.Module):
         if keys.device != device:
             raise ValueError(f"keys: expected a tensor on {device}, got {keys.device}")
         n = keys.shape[0]
+        if rows is not None:
+            _check_vector("rows", rows, rows.shape[0] if rows.dim() == 1 else -1, device, "int")
+            n = rows.shape[0]
         _check_vector("labels", labels, n, device, "int")
         _check_vector("valid", valid, n, device, "bool")
         _check_vector("order", order, n, device, "int")
@@ -385,6 +392,8 @@ class ClassMemoryBank(nn.Module):
         # When nothing is valid lane 0 writes a junk key into some slot; save that one row and
         # put it back below, which costs O(D) instead of an [N, D] select on every call.
         saved = flat.index_select(0, dest[:1])
+        if rows is not None:
+            src = rows.long().index_select(0, src)
         values = keys.detach().index_select(0, src).to(self.bank.dtype)
         flat.index_copy_(0, dest, values)
         restored = torch.where(any_valid, flat.index_select(0, dest[:1]), saved)
