@@ -330,19 +330,20 @@ def run(op_names, dtype_names, smoke: bool, device: torch.device, out: Path | No
                         peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if device.type == "cuda" else 0.0
                         row = {**env, "device": device_name, "op": op, "case": case, "dtype": dtype_name,
                                "provider": provider, "mode": mode, "ms_median": f"{med:.4f}", "ms_p20": f"{p20:.4f}",
-                               "ms_p80": f"{p80:.4f}", "peak_mb": f"{peak:.1f}", "copy_gb_s": f"{copy:.0f}"}
+                               "ms_p80": f"{p80:.4f}", "peak_mb": f"{peak:.1f}", "copy_gb_s": f"{copy:.4g}"}
                         floor = floors[mode]
                         if isinstance(floor, tuple):  # GEMM-bound: FLOPs against the matmul rate
                             if dtype_name not in rates:
                                 rates[dtype_name] = matmul_rate(device, DTYPES[dtype_name])
                             tflop_s = floor[1] / (med * 1e-3) / 1e12
-                            row |= {"gflop": f"{floor[1] / 1e9:.2f}", "tflop_s": f"{tflop_s:.2f}",
-                                    "matmul_tflop_s": f"{rates[dtype_name]:.1f}",
+                            row |= {"gflop": f"{floor[1] / 1e9:.4g}", "tflop_s": f"{tflop_s:.4g}",
+                                    # significant digits: a loaded CPU runs the smoke matmul at < 0.05 TFLOP/s
+                                    "matmul_tflop_s": f"{rates[dtype_name]:.4g}",
                                     "pct_of_matmul": f"{100 * tflop_s / rates[dtype_name]:.1f}"}
                             rate = f"{tflop_s:7.2f} TFLOP/s ({row['pct_of_matmul']}% of matmul)"
                         else:
                             gb_s = floor / (med * 1e-3) / 1e9
-                            row |= {"floor_mb": f"{floor / 2**20:.1f}", "gb_s": f"{gb_s:.1f}",
+                            row |= {"floor_mb": f"{floor / 2**20:.1f}", "gb_s": f"{gb_s:.4g}",
                                     "pct_of_copy": f"{100 * gb_s / copy:.1f}"}
                             rate = f"{gb_s:7.1f} GB/s ({row['pct_of_copy']}% of copy)"
                         rows.append(row)

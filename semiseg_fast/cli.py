@@ -16,15 +16,16 @@ def main(argv: list[str] | None = None) -> int:
 
         t0 = time.perf_counter()
         trainer = Trainer(cfg)
-        print(f"{cfg.method} on {cfg.data}: {trainer.num_labeled} labeled of {trainer.train_images.shape[0]} "
-              f"training images, {cfg.iters} iterations on {trainer.device}; run directory {trainer.run_dir}",
-              flush=True)
+        say = trainer.echo  # silent on every process but the first under torchrun
+        where = f"{trainer.dist.world} processes ({trainer.device.type})" if trainer.dist.enabled else str(trainer.device)
+        say(f"{cfg.method} on {cfg.data}: {trainer.num_labeled} labeled of {trainer.data.num_train} "
+            f"training images, {cfg.iters} iterations on {where}; run directory {trainer.run_dir}", flush=True)
         metrics = trainer.train()
         if metrics is None:  # resumed a finished run
             metrics = trainer.run_eval()
-        print(f"\nvalidation ({trainer.data.val_images.shape[0]} images) of the {cfg.method} model "
-              f"after {trainer.step} iterations, {time.perf_counter() - t0:.0f} s:")
-        print(metrics.table(trainer.data.class_names))
+        say(f"\nvalidation ({trainer.data.num_val} images) of the {cfg.method} model "
+            f"after {trainer.step} iterations, {time.perf_counter() - t0:.0f} s:")
+        say(metrics.table(trainer.data.class_names))
         return 0
     except (ConfigError, DataError, NonFiniteLossError, FileNotFoundError) as e:
         if os.environ.get("SEMISEG_DEBUG"):
@@ -33,6 +34,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

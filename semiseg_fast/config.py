@@ -15,14 +15,20 @@ class TrainConfig:
     # what to train
     method: str = field(default="fixmatch", metadata={"help": "training method (the list is at the end of --help)"})
     data: str = field(default="synthetic", metadata={"help": "data set name (the list is at the end of --help)"})
-    root: str | None = field(default=None, metadata={"help": "data set root folder (real data sets)"})
+    root: str | None = field(default=None, metadata={"help": "data set root folder (fashion: holds the 4 Fashion-MNIST .gz files; None = /usr/share/datasets/fashion-mnist; voc: the VOC2012 folder; cityscapes: the folder of leftImg8bit/ and gtFine/)"})
     labeled: str = field(default="1/16", metadata={"help": "labeled fraction ('1/16', '0.25') or count ('92')"})
-    # synthetic data set
-    num_train: int = field(default=512, metadata={"help": "synthetic: training images (labeled + unlabeled)"})
-    num_val: int = field(default=200, metadata={"help": "synthetic: validation images"})
-    image_size: int = field(default=80, metadata={"help": "synthetic: generated image side length"})
-    data_seed: int = field(default=0, metadata={"help": "synthetic scenes and the labeled split derive from it"})
+    # generated scenes (synthetic, fashion)
+    num_train: int = field(default=512, metadata={"help": "synthetic / fashion: training scenes (labeled + unlabeled)"})
+    num_val: int = field(default=200, metadata={"help": "synthetic / fashion: validation scenes"})
+    image_size: int = field(default=80, metadata={"help": "synthetic / fashion: generated image side length"})
+    data_seed: int = field(default=0, metadata={"help": "the generated scenes and the labeled split derive from it"})
     cache_dir: str | None = field(default=".cache/semiseg_fast", metadata={"help": "where generated data is cached ('' = none)"})
+    # image files on disk (voc, cityscapes)
+    protocol: str | None = field(default=None, metadata={"help": "voc: classic (labeled drawn from the 1464 train.txt images) | blended (from the 10582 train_aug pool) (default: blended when SegmentationClassAug exists, else classic)"})
+    splits: str | None = field(default=None, metadata={"help": "voc / cityscapes: folder of labeled.txt (+ unlabeled.txt) image ids to train on instead of drawing a split (e.g. <out>/splits of an earlier run)"})
+    num_workers: int | None = field(default=None, metadata={"help": "voc / cityscapes: data-loader worker processes per stream (default min(4, CPUs); 0 = in the main process)"})
+    eval_window: int | None = field(default=None, metadata={"help": "voc / cityscapes: sliding-window side for validation, 0 = whole images (default: 0 on voc, --crop on cityscapes, as UniMatch)"})
+    eval_stride: int | None = field(default=None, metadata={"help": "voc / cityscapes: sliding-window stride (default: 2/3 of the window, as UniMatch)"})
     # model
     arch: str | None = field(default=None, metadata={"help": "deeplabv3plus | deeplabv3plus_u2pl | deeplabv2 (default: the method's)"})
     backbone: str = field(default="resnet18", metadata={"help": "resnet18 | resnet50 | resnet101"})
@@ -116,6 +122,18 @@ class TrainConfig:
         for name in ("eval_every", "ckpt_every"):
             need(getattr(self, name) >= 0, name, "expected an integer >= 0")
         need(self.output_stride in (None, 8, 16, 32), "output_stride", "expected 8, 16 or 32")
+        need(self.protocol in (None, "classic", "blended"), "protocol", "expected classic or blended")
+        need(self.protocol is None or self.data == "voc", "protocol", "only voc has protocols")
+        need(not self.splits or self.data in ("voc", "cityscapes"), "splits", "only voc and cityscapes read split files")
+        need(self.num_workers is None or (isinstance(self.num_workers, int) and self.num_workers >= 0), "num_workers",
+             "expected an integer >= 0")
+        need(self.eval_window is None or (isinstance(self.eval_window, int) and self.eval_window >= 0), "eval_window",
+             "expected an integer >= 0 (0 = whole images)")
+        need(self.eval_stride is None or (isinstance(self.eval_stride, int) and self.eval_stride >= 1), "eval_stride",
+             "expected an integer >= 1")
+        window = self.crop if self.eval_window is None and self.data == "cityscapes" else self.eval_window
+        need(self.eval_stride is None or not window or self.eval_stride <= window, "eval_stride",
+             f"expected at most the eval window ({window})")
         for name in ("lr", "head_lr_mult", "lr_power"):
             need(getattr(self, name) > 0, name, "expected a positive number")
         for name in ("momentum", "conf_thresh", "ema_decay", "ipix_warmup", "ipix_tau"):

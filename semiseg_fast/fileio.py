@@ -4,19 +4,20 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Callable
 
 import torch
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temporary file in the same folder, fsync, then ``os.replace``."""
+def _atomic_write(path: str | os.PathLike, mode: str, write: Callable[[IO], None]) -> Path:
+    """Write through ``write(file)`` to a temporary file in the same folder, fsync, then ``os.replace``:
+    a crash or a full disk leaves the previous file whole."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -36,3 +37,13 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     except OSError:  # pragma: no cover - some filesystems refuse directory fsync
         pass
     return path
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` atomically (temporary file, fsync, rename)."""
+    return _atomic_write(path, "wb", lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write a text file atomically (temporary file, fsync, rename)."""
+    return _atomic_write(path, "w", lambda f: f.write(text))

@@ -67,6 +67,7 @@ def weak_augment(
     *,
     generator: torch.Generator,
     ignore_index: int = IGNORE_INDEX,
+    shard: tuple[int, int] = (0, 1),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Random rescale, random crop (padding where the rescaled image is too small) and h-flip.
 
@@ -80,12 +81,20 @@ def weak_augment(
     With ``labels=None`` (unlabeled images) the second output is instead the padding mask, bool
     [B, h, w], True where a pixel lies outside the source image: methods must exclude those pixels
     from unsupervised losses (``~pad`` is the valid mask and can go through ``mix`` like labels).
+
+    ``shard=(rank, world)``: ``images`` are this rank's part of a global batch of ``world`` equal
+    parts. The random numbers of the whole global batch are drawn and this rank's slice is used,
+    so every rank consumes the generator alike and the crops equal a single process's on the
+    global batch (DDP parity).
     """
     if not images.is_floating_point():
         images = images.float() / 255.0
     b, _, h, w = images.shape
     ch, cw = _pair(crop)
-    u = _rand(generator, 4, b)
+    rank, world = shard
+    if not (world >= 1 and 0 <= rank < world):
+        raise ValueError(f"weak_augment: shard must be (rank, world) with 0 <= rank < world, got {shard}")
+    u = _rand(generator, 4, b * world)[:, rank * b : (rank + 1) * b]
     s = scale[0] + (scale[1] - scale[0]) * u[0]
     # Offset of the window in the rescaled image; negative when the window is the larger one.
     spare_y, spare_x = h * s - ch, w * s - cw

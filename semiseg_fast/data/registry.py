@@ -7,6 +7,8 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError, DataError
+from .source import TensorStream, pinned_to
+from .splits import labeled_split
 
 
 @dataclass
@@ -20,6 +22,38 @@ class SegData:
     num_classes: int
     class_names: tuple[str, ...]
     ignore_index: int = 255
+
+    @property
+    def num_train(self) -> int:
+        return int(self.train_images.shape[0])
+
+    @property
+    def num_val(self) -> int:
+        return int(self.val_images.shape[0])
+
+    def split(self, labeled: float | int, seed: int, run_dir: Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Labeled / unlabeled indices: a seeded prefix of one permutation (see ``labeled_split``)."""
+        return labeled_split(self.num_train, labeled, seed)
+
+    def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        # moved once per device and kept: the whole split lives on the GPU, so no step waits for data
+        if getattr(self, "_device", None) != device:
+            self._device = device
+            self._train_on = (pinned_to(self.train_images, device), pinned_to(self.train_labels, device))
+        return self._train_on
+
+    def train_stream(self, indices: torch.Tensor, *, labeled: bool, batch_size: int, seed: int, crop: int,
+                     device: torch.device, rank: int = 0, world: int = 1) -> TensorStream:
+        images, labels = self._on(torch.device(device))
+        return TensorStream(images, labels if labeled else None, indices, batch_size=batch_size, seed=seed,
+                            crop=crop, rank=rank, world=world)
+
+    def val_confusion(self, model: torch.nn.Module, *, batch_size: int, device: torch.device,
+                      amp_dtype: torch.dtype | None = None, rank: int = 0, world: int = 1) -> torch.Tensor:
+        from ..engine.evaluate import confusion
+
+        return confusion(model, self.val_images[rank::world], self.val_labels[rank::world], self.num_classes,
+                         batch_size=batch_size, device=device, amp_dtype=amp_dtype, ignore_index=self.ignore_index)
 
     def validate(self, name: str) -> "SegData":
         for split, labels in (("train", self.train_labels), ("val", self.val_labels)):
@@ -43,7 +77,30 @@ def _synthetic(cfg) -> SegData:
     return SegData(train.images, train.labels, val.images, val.labels, train.num_classes, tuple(train.class_names))
 
 
-DATASETS = {"synthetic": _synthetic}
+def _fashion(cfg) -> SegData:
+    from .fashion import load_fashion
+
+    cache, root = cfg.cache_dir or None, cfg.root or None
+    train = load_fashion("train", cfg.num_train, cfg.image_size, seed=cfg.data_seed, root=root, cache_dir=cache,
+                         progress=cfg.progress)
+    val = load_fashion("val", cfg.num_val, cfg.image_size, seed=cfg.data_seed, root=root, cache_dir=cache,
+                       progress=cfg.progress)
+    return SegData(train.images, train.labels, val.images, val.labels, train.num_classes, tuple(train.class_names))
+
+
+def _voc(cfg):
+    from .voc import load_voc
+
+    return load_voc(cfg)
+
+
+def _cityscapes(cfg):
+    from .cityscapes import load_cityscapes
+
+    return load_cityscapes(cfg)
+
+
+DATASETS = {"synthetic": _synthetic, "fashion": _fashion, "voc": _voc, "cityscapes": _cityscapes}
 
 
 def build_dataset(cfg) -> SegData:

@@ -199,13 +199,18 @@ def prototype_sums(feats: Tensor, labels: Tensor, num_classes: int,
 
 
 def prototypes(feats: Tensor, labels: Tensor, num_classes: int,
-               valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
+               valid: Tensor | None = None, reduce=None) -> tuple[Tensor, Tensor]:
     """Per-class means [C, D] and a bool ``present`` [C]; absent classes get a zero vector.
 
     The official U2PL leaves absent prototypes NaN (quirk Q4, unused there); zero plus the
     ``present`` flag keeps every downstream kernel NaN-free without a host-side branch.
+    ``reduce`` (e.g. ``DistEnv.all_reduce_sum``) sums the per-class sums and counts over the
+    ranks first, so the means are those of the global batch.
     """
     sums, counts = prototype_sums(feats, labels, num_classes, valid)
+    if reduce is not None:
+        both = reduce(torch.cat((sums, counts.unsqueeze(1).to(sums.dtype)), dim=1))
+        sums, counts = both[:, :-1], both[:, -1]
     present = counts > 0
     return sums / counts.clamp_min(1).unsqueeze(1).to(sums.dtype), present
 

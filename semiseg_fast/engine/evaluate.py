@@ -77,7 +77,7 @@ def predict(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(
+def confusion(
     model: torch.nn.Module,
     images: torch.Tensor,
     labels: torch.Tensor,
@@ -86,8 +86,12 @@ def evaluate(
     device: torch.device | str = "cpu",
     amp_dtype: torch.dtype | None = None,
     ignore_index: int = 255,
-) -> SegMetrics:
-    """Evaluate on uint8 images [N,3,H,W] and labels [N,H,W]; the model is left in its prior mode."""
+) -> torch.Tensor:
+    """Confusion matrix [C, C] (int64, on ``device``) of uint8 images [N,3,H,W] against labels [N,H,W].
+
+    The model is left in its prior mode. Under DDP every rank passes its own shard of the
+    validation set and the matrices are summed with one all-reduce.
+    """
     was_training = model.training
     model.eval()
     cm = ConfusionMatrix(num_classes, device=device, ignore_index=ignore_index)
@@ -102,4 +106,58 @@ def evaluate(
                 cm.update(pred, y)
     finally:
         model.train(was_training)
-    return cm.summary()
+    return cm.mat
+
+
+def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
+             **kwargs) -> SegMetrics:
+    """Metrics of ``model`` on uint8 images [N,3,H,W] and labels [N,H,W] (options as ``confusion``)."""
+    return SegMetrics.from_confusion(confusion(model, images, labels, num_classes, **kwargs))
+
+
+def sliding_windows(size: int, window: int, stride: int) -> list[tuple[int, int]]:
+    """UniMatch's window spans along one side: starts 0, stride, 2 stride, ... below ``size``, each
+    ``window`` long and cut at the border (so the last ones may be shorter)."""
+    return [(start, min(size, start + window)) for start in range(0, size, stride)]
+
+
+@torch.no_grad()
+def predict_sliding(model: torch.nn.Module, images: torch.Tensor, window: int, stride: int | None = None,
+                    batch_size: int = 1) -> torch.Tensor:
+    """Arg-max prediction [B, H, W] of images [B, 3, H, W] by sliding-window inference.
+
+    As UniMatch's ``evaluate(mode='sliding_window')``: windows of side ``window`` start every
+    ``stride`` pixels (default ``int(2/3 window)``) in both directions and are cut at the image
+    border; each window's logits are up-sampled to the window (bilinear, align_corners, as
+    ``predict``), turned into probabilities (softmax, float32) and summed into the image; the sum
+    is divided by the number of windows covering each pixel before the arg-max. Images no larger
+    than the window on both sides (or ``window`` <= 0) are predicted whole by ``predict``.
+    ``batch_size``: windows of the same size that go through the model together (per image).
+    """
+    b, _, h, w = images.shape
+    if window <= 0 or (h <= window and w <= window):
+        return predict(model, images)
+    stride = int(window * 2 / 3) if stride is None else int(stride)
+    if not 1 <= stride <= window:
+        raise ValueError(f"predict_sliding: stride must be in [1, window={window}], got {stride}")
+    groups: dict[tuple[int, int], list[tuple[int, int, int, int]]] = {}
+    for r0, r1 in sliding_windows(h, window, stride):
+        for c0, c1 in sliding_windows(w, window, stride):
+            groups.setdefault((r1 - r0, c1 - c0), []).append((r0, r1, c0, c1))
+    total = None
+    count = torch.zeros(1, 1, h, w, dtype=torch.float32, device=images.device)
+    chunk = max(1, int(batch_size) // b)
+    for (wh, ww), spans in groups.items():
+        for start in range(0, len(spans), chunk):
+            part = spans[start : start + chunk]
+            crops = torch.cat([images[:, :, r0:r1, c0:c1] for r0, r1, c0, c1 in part])
+            logits = model(crops)["logits"]
+            if logits.shape[-2:] != (wh, ww):
+                logits = F.interpolate(logits, size=(wh, ww), mode="bilinear", align_corners=True)
+            probs = logits.float().softmax(1)
+            if total is None:
+                total = torch.zeros(b, probs.shape[1], h, w, dtype=torch.float32, device=images.device)
+            for k, (r0, r1, c0, c1) in enumerate(part):
+                total[:, :, r0:r1, c0:c1] += probs[k * b : (k + 1) * b]
+                count[:, :, r0:r1, c0:c1] += 1
+    return (total / count).argmax(1)

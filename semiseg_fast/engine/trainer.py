@@ -6,9 +6,11 @@ written only after that check, so ``latest.pt`` always holds the last good state
 """
 from __future__ import annotations
 
+import inspect
 import os
 import random
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -17,16 +19,15 @@ import torch
 from .. import __version__
 from ..config import TrainConfig
 from ..data import build_dataset
-from ..data.augment import weak_augment
-from ..data.splits import labeled_split, parse_labeled
+from ..data.splits import parse_labeled
 from ..errors import ConfigError, NonFiniteLossError
 from ..methods import build_method
 from .checkpoint import atomic_save, load_checkpoint
-from .evaluate import SegMetrics, evaluate
+from .distributed import DistEnv, convert_sync_batchnorm
+from .evaluate import SegMetrics
 from .logger import ScalarLogger
 from .nvtx import nvtx_range
 from .optim import build_sgd, poly_factor, set_lr
-from .streams import IndexStream
 
 
 def resolve_device(name: str) -> torch.device:
@@ -64,35 +65,60 @@ class Trainer:
         self.cfg = cfg.validate()
         self.echo = echo
         self.device = resolve_device(cfg.device)
+        self.dist = DistEnv.from_env(self.device.type)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
         configure_determinism(cfg.deterministic, self.device)
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         self.amp_dtype = torch.bfloat16 if (cfg.amp == "bf16" or (cfg.amp == "auto" and self.device.type == "cuda")) else None
 
-        # -- data: one tensor per split, moved to the device once (never starves the GPU) --
+        # -- data: the data set hands out resumable, DDP-sharded batch streams --
         self.data = build_dataset(cfg)
         self.num_classes = self.data.num_classes
-        self.train_images = self.data.train_images.to(self.device)
-        self.train_labels = self.data.train_labels.to(self.device)
-        labeled_idx, unlabeled_idx = labeled_split(self.train_images.shape[0], parse_labeled(cfg.labeled), cfg.data_seed)
+        labeled_idx, unlabeled_idx = self.data.split(parse_labeled(cfg.labeled), cfg.data_seed, Path(cfg.out))
         self.num_labeled = labeled_idx.numel()
 
         # -- method, optimizer --
         self.method = build_method(cfg.method, cfg, self.num_classes).to(self.device)
         self.method.num_labeled = self.num_labeled
+        self.method.dist = self.dist
+        convert_sync_batchnorm(self.method, self.dist, self.device)
         self.method.train()
-        self.streams = {"labeled": IndexStream(labeled_idx, cfg.batch_size, seed=cfg.seed * 7 + 1)}
+        stream = partial(self.data.train_stream, crop=cfg.crop, device=self.device, rank=self.dist.rank,
+                         world=self.dist.world)
+        self.streams = {"labeled": stream(labeled_idx, labeled=True, batch_size=cfg.batch_size, seed=cfg.seed * 7 + 1)}
         if self.method.uses_unlabeled:
             if unlabeled_idx.numel() == 0:
                 raise ConfigError(f"--labeled: method {cfg.method!r} needs unlabeled images but every image is labeled")
             for k in range(1 + self.method.extra_unlabeled_batches):
-                self.streams[f"unlabeled{k}"] = IndexStream(unlabeled_idx, cfg.unlabeled_batch_size, seed=cfg.seed * 7 + 2 + k)
+                self.streams[f"unlabeled{k}"] = stream(unlabeled_idx, labeled=False,
+                                                       batch_size=cfg.unlabeled_batch_size, seed=cfg.seed * 7 + 2 + k)
         self.optimizer = build_sgd(*self.method.param_groups(), lr=cfg.lr, head_lr_mult=cfg.head_lr_mult,
                                    momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        # The data generator draws crops for the global batch, alike on every rank (see
+        # data/source.py); the methods' own augmentation (strong views, CutMix boxes) must differ
+        # between ranks, so under DDP it has a generator per rank.
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        self.aug_generator = self.generator
+        losses = self.method.losses
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.aug_generator = torch.Generator(device=self.device).manual_seed(cfg.seed + 7919 * (self.dist.rank + 1))
+            # forward = the method's losses, so DDP's gradient hooks cover every student; the
+            # banks and running statistics are kept identical by the methods (gathered updates),
+            # so buffers are not re-broadcast every step.
+            # (torch >= 2.13 names the switch forward_sync_buffers; older ones broadcast_buffers)
+            no_buffer_sync = ({"forward_sync_buffers": False}
+                              if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                              else {"broadcast_buffers": False})
+            losses = DistributedDataParallel(
+                self.method, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=self.method.ddp_find_unused_parameters, **no_buffer_sync)
         use_compile = cfg.compile == "on" or (cfg.compile == "auto" and self.device.type == "cuda")
-        self._losses = torch.compile(self.method.losses) if use_compile else self.method.losses
+        self._losses = torch.compile(losses) if use_compile else losses
 
         # -- bookkeeping: device-side so the step never syncs --
         self.step = 0
@@ -105,33 +131,24 @@ class Trainer:
         self._acc_n = 0
 
         self.run_dir = Path(cfg.out)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if not self.dist.is_main:  # one process writes the run directory and talks to the user
+            self.echo = lambda *args, **kwargs: None
         if cfg.resume and (self.run_dir / "latest.pt").is_file():
             self.load(self.run_dir / "latest.pt")
             self.echo(f"resumed from {self.run_dir / 'latest.pt'} at iteration {self.step}")
-        (self.run_dir / "config.json").write_text(cfg.to_json() + "\n")
-        self.logger = ScalarLogger(self.run_dir, cfg.log_backend)
+        self.logger = None
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(cfg.to_json() + "\n")
+            self.logger = ScalarLogger(self.run_dir, cfg.log_backend)
 
     # -- data ---------------------------------------------------------------------------------
-    def _to_device(self, idx: torch.Tensor) -> torch.Tensor:
-        # a pageable host->device copy synchronises; a pinned one is queued like a kernel
-        if self.device.type == "cuda":
-            return idx.pin_memory().to(self.device, non_blocking=True)
-        return idx
-
-    def _images(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.train_images[idx].float().div_(255)
-
     def next_batch(self) -> dict[str, torch.Tensor]:
-        cfg, g = self.cfg, self.generator
-        idx = self._to_device(self.streams["labeled"].next())
-        x, y = weak_augment(self._images(idx), self.train_labels[idx].long(), crop=cfg.crop, generator=g)
+        x, y = self.streams["labeled"].next(self.generator)
         batch = {"x_l": x, "y_l": y}
         for k in range(1 + self.method.extra_unlabeled_batches if self.method.uses_unlabeled else 0):
-            idx = self._to_device(self.streams[f"unlabeled{k}"].next())
-            x, pad = weak_augment(self._images(idx), None, crop=cfg.crop, generator=g)
             suffix = "" if k == 0 else str(k)
-            batch["x_u" + suffix], batch["pad_u" + suffix] = x, pad
+            batch["x_u" + suffix], batch["pad_u" + suffix] = self.streams[f"unlabeled{k}"].next(self.generator)
         return batch
 
     # -- one iteration ------------------------------------------------------------------------
@@ -145,7 +162,7 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16, enabled=self.amp_dtype is not None):
             self.method.begin_step(self.step)
             with nvtx_range("augment"):
-                batch = self.method.augment(batch, self.generator)
+                batch = self.method.augment(batch, self.aug_generator)
             out = self._losses(batch, self._progress)
         with nvtx_range("backward"):
             out["loss"].backward()
@@ -161,7 +178,7 @@ class Trainer:
         return out
 
     def _check_finite(self) -> None:
-        first_bad = int(self._first_bad)  # one sync, every log_every iterations
+        first_bad = int(self.dist.all_reduce(self._first_bad, "max"))  # one sync, every log_every iterations
         if first_bad >= 0:
             last = self.run_dir / "latest.pt"
             kept = f"; the last good checkpoint is {last}" if last.is_file() else ""
@@ -174,7 +191,7 @@ class Trainer:
         """Run until ``cfg.iters`` (or until ``max_steps`` total iterations, for tests and profiling)."""
         cfg = self.cfg
         stop = cfg.iters if max_steps is None else min(max_steps, cfg.iters)
-        bar = _progress_bar(cfg.iters, self.step, cfg.progress)
+        bar = _progress_bar(cfg.iters, self.step, cfg.progress and self.dist.is_main)
         images_per_step = cfg.batch_size + (cfg.unlabeled_batch_size * (1 + self.method.extra_unlabeled_batches)
                                             if self.method.uses_unlabeled else 0)
         t0, s0 = time.perf_counter(), self.step
@@ -190,11 +207,15 @@ class Trainer:
                 last = self.step == stop
                 if self.step % cfg.log_every == 0 or last:
                     self._check_finite()
-                    means = {k: float(v) / self._acc_n for k, v in self._acc.items()}
+                    keys = sorted(self._acc)
+                    sums = self.dist.all_reduce(torch.stack([self._acc[k] for k in keys])) / self.dist.world
+                    means = dict(zip(keys, (sums / self._acc_n).tolist()))
                     means["lr"] = self.lr
                     self._acc, self._acc_n = {}, 0
-                    ips = (self.step - s0) * images_per_step / max(time.perf_counter() - t0, 1e-9)
-                    self.logger.log(self.step, {f"train/{k}": v for k, v in means.items()} | {"train/images_per_s": ips})
+                    ips = (self.step - s0) * images_per_step * self.dist.world / max(time.perf_counter() - t0, 1e-9)
+                    if self.logger is not None:
+                        self.logger.log(self.step, {f"train/{k}": v for k, v in means.items()}
+                                        | {"train/images_per_s": ips})
                     if bar is not None:
                         bar.set_postfix(loss=f"{means['loss']:.3f}", lr=f"{means['lr']:.2e}", img_s=f"{ips:.1f}")
                 do_eval = (cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == cfg.iters
@@ -216,12 +237,15 @@ class Trainer:
 
     def run_eval(self) -> SegMetrics:
         with nvtx_range("eval"):
-            metrics = evaluate(self.method.eval_model(), self.data.val_images, self.data.val_labels, self.num_classes,
-                               batch_size=self.cfg.eval_batch_size, device=self.device, amp_dtype=self.amp_dtype)
+            mat = self.data.val_confusion(self.method.eval_model(), batch_size=self.cfg.eval_batch_size,
+                                          device=self.device, amp_dtype=self.amp_dtype, rank=self.dist.rank,
+                                          world=self.dist.world)
+            metrics = SegMetrics.from_confusion(self.dist.all_reduce_sum(mat))
         self.last_metrics = metrics
         scalars = {"val/mIoU": metrics.miou, "val/pixel_acc": metrics.pixel_acc}
         scalars |= {f"val/IoU/{n}": v for n, v in zip(self.data.class_names, metrics.iou)}
-        self.logger.log(self.step, scalars)
+        if self.logger is not None:
+            self.logger.log(self.step, scalars)
         if metrics.miou > self.best_miou:
             self.best_miou = metrics.miou
             self.save(self.run_dir / "best.pt")
@@ -237,6 +261,10 @@ class Trainer:
         }
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        if self.dist.enabled:  # every rank's tensor RNG states, row = rank (one all-gather each)
+            rng["aug_generator"] = self.aug_generator.get_state()
+            rng["ranks"] = {k: self.dist.gather(rng[k].to(self.device).unsqueeze(0)).cpu()
+                            for k in ("torch", "cuda", "aug_generator") if k in rng}
         return {
             "version": __version__,
             "step": self.step,
@@ -249,8 +277,13 @@ class Trainer:
         }
 
     def save(self, path: str | os.PathLike) -> Path:
+        """Write a checkpoint atomically. Under DDP every rank must call it (the RNG states are
+        gathered) and the main process writes."""
         with nvtx_range("checkpoint"):
-            return atomic_save(self.state_dict(), path)
+            state = self.state_dict()
+            if self.dist.is_main:
+                atomic_save(state, path)
+            return Path(path)
 
     def load(self, path: str | os.PathLike) -> None:
         state = load_checkpoint(path, map_location=self.device)
@@ -263,7 +296,15 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         for k, s in state["streams"].items():
             self.streams[k].load_state_dict(s)
-        rng = state["rng"]
+        rng = dict(state["rng"])
+        if self.dist.enabled:
+            ranks = rng.get("ranks", {})
+            if ranks and ranks["torch"].shape[0] != self.dist.world:
+                raise ConfigError(f"--resume: checkpoint {path} was written by {ranks['torch'].shape[0]} processes, "
+                                  f"this run has {self.dist.world}")
+            rng.update({k: v[self.dist.rank].clone() for k, v in ranks.items()})  # a row view crashes set_rng_state
+            if "aug_generator" in rng:
+                self.aug_generator.set_state(rng["aug_generator"].cpu())
         torch.set_rng_state(rng["torch"].cpu())
         self.generator.set_state(rng["generator"].cpu())
         random.setstate(rng["python"])

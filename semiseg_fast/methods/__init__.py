@@ -14,16 +14,20 @@ from .unimatch import UniMatch
 METHODS: dict[str, type[Method]] = {m.name: m for m in (Supervised, FixMatch, UniMatch, IPixMatch, U2PL, CTT, MLLC)}
 
 
+#: data sets of small generated scenes, which take the methods' CPU presets (``SYNTHETIC``)
+GENERATED_SETS = ("synthetic", "fashion")
+
+
 def method_defaults(name: str | None, data: str) -> dict:
     """Defaults of the method-dependent options: every method's paper values, then the chosen
-    method's own values and, on the synthetic set, its CPU preset."""
+    method's own values and, on the small generated sets (synthetic, fashion), its CPU preset."""
     out = {}
     for cls in METHODS.values():
         out.update(cls.DEFAULTS)
     cls = METHODS.get(name, Method)
     out.update(cls.DEFAULTS)
     out["arch"] = cls.ARCH
-    if data == "synthetic":
+    if data in GENERATED_SETS:
         out.update(cls.SYNTHETIC)
     return out
 

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..config import TrainConfig
+from ..engine.distributed import DistEnv
 from ..models import build_model
 
 Batch = dict[str, torch.Tensor]
@@ -43,6 +44,10 @@ class Method(nn.Module):
     uses_unlabeled = True
     #: extra unlabeled batches per step (UniMatch's mixing batch), delivered as x_u1, pad_u1, ...
     extra_unlabeled_batches = 0
+    #: DDP must look for parameters without a gradient in a step (e.g. a head idle during a burn-in)
+    ddp_find_unused_parameters = False
+    #: the process group view (set by the engine); single process by default
+    dist = DistEnv()
 
     def __init__(self, cfg: TrainConfig, num_classes: int):
         super().__init__()
@@ -104,6 +109,10 @@ class Method(nn.Module):
 
     def losses(self, batch: Batch, progress: torch.Tensor) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def forward(self, batch: Batch, progress: torch.Tensor) -> dict[str, torch.Tensor]:
+        # what DistributedDataParallel calls: the loss computation is the module's forward
+        return self.losses(batch, progress)
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:

@@ -144,12 +144,15 @@ class CTT(Method):
                 ema.update(ema_decay(step, self.cfg.ema_decay))
         with nvtx_range("bank"):
             x_l, y_l = self._labeled
-            k = ctt_admission_k(self.num_labeled or x_l.shape[0], x_l.shape[0], self.cfg.ctt_bank)
+            # under DDP the admission runs on all ranks' pixels (gathered), as one process would
+            global_batch = x_l.shape[0] * self.dist.world
+            k = ctt_admission_k(self.num_labeled or global_batch, global_batch, self.cfg.ctt_bank)
             for teacher, bank in zip(self.emas, self.banks):
                 out = teacher(x_l)
                 logits = out["logits"].float()
-                labels = downsample_nearest(y_l, logits.shape[-2:]).reshape(-1)
-                top_logit, pred = (t.reshape(-1) for t in logits.max(1))
+                labels = self.dist.gather(downsample_nearest(y_l, logits.shape[-2:]).reshape(-1))
+                top_logit, pred = (self.dist.gather(t.reshape(-1)) for t in logits.max(1))
+                keys = self.dist.gather(to_rows(out["rep"].float()))
                 candidate = (labels != IGNORE) & (pred == labels) & (top_logit >= BANK_LOGIT)
                 keep, rank = topk_admission(top_logit, labels, candidate, k, return_rank=True)
                 # the official writes a class best-first when it had >= k candidates, else in pixel order
@@ -157,4 +160,4 @@ class CTT(Method):
                 n_cand.index_add_(0, torch.where(candidate, labels, self.num_classes), torch.ones_like(labels))
                 full_class = n_cand.index_select(0, labels.clamp_max(self.num_classes)) >= k
                 order = torch.where(full_class, rank, torch.arange(labels.numel(), device=labels.device))
-                bank.enqueue(to_rows(out["rep"].float()), labels, keep, order)
+                bank.enqueue(keys, labels, keep, order)

@@ -99,12 +99,15 @@ class MLLCNet(nn.Module):
         return (CONF * w / (w.max() + 1e-10)).float()
 
     @torch.no_grad()
-    def count_confident(self, logits: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+    def count_confident(self, logits: torch.Tensor, valid: torch.Tensor | None = None, reduce=None) -> None:
+        """Add this batch's confident pixels per predicted class (``reduce``: sum over DDP ranks)."""
         conf, pred = pseudo_label(logits)
         keep = conf >= CONF
         if valid is not None:
             keep = keep & valid
-        self.class_counts.index_add_(0, pred.reshape(-1), keep.reshape(-1).to(self.class_counts.dtype))
+        counts = torch.zeros_like(self.class_counts)
+        counts.index_add_(0, pred.reshape(-1), keep.reshape(-1).to(counts.dtype))
+        self.class_counts += counts if reduce is None else reduce(counts)
 
     def forward(self, x: torch.Tensor, need_fp: bool = False) -> dict:
         out = self.base(x)
@@ -166,7 +169,7 @@ class MLLC(Method):
             logits_w = upsample(self.student(x_u)["logits"], (h, w))
             self.student.train()
         valid = ~batch["pad_u"]
-        self.student.count_confident(logits_w, valid)
+        self.student.count_confident(logits_w, valid, reduce=self.dist.all_reduce_sum)
         conf, pl = pseudo_label(logits_w)
         batch["x_s"], box = strong_cutmix_view(x_u, generator)
         valid = mix(valid, valid.roll(1, 0), box)
@@ -196,13 +199,15 @@ class MLLC(Method):
                 if cfg.mllc_affinity_weight > 0:
                     terms["aff"] = terms["aff"] + affinity_bce(f, labels)
                 with torch.no_grad():
-                    mean, present = prototypes(to_rows(f.detach().float()), labels.reshape(-1), self.num_classes)
+                    mean, present = prototypes(to_rows(f.detach().float()), labels.reshape(-1), self.num_classes,
+                                               reduce=self.dist.all_reduce_sum)
                     old, seen = self.proto[level], self.proto_seen[level].unsqueeze(1)
                     ema = torch.where(seen, PROTO_MOMENTUM * old + (1 - PROTO_MOMENTUM) * mean, mean)
                     new_proto.append(torch.where(present.unsqueeze(1), ema, old))
                     new_seen.append(present)
             with torch.no_grad():
-                self.student.count_confident(upsample(levels[-1][0][:n_l], size), y_l != IGNORE)
+                self.student.count_confident(upsample(levels[-1][0][:n_l], size), y_l != IGNORE,
+                                             reduce=self.dist.all_reduce_sum)
                 self.proto.copy_(torch.stack(new_proto))
                 self.proto_seen.logical_or_(torch.stack(new_seen))
         loss = (terms["x"] + terms["u"] + cfg.mllc_proto_weight * proto_on * terms["proto"]

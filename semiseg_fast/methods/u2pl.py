@@ -93,6 +93,7 @@ def processed_rows(present: torch.Tensor, official: bool) -> tuple[torch.Tensor,
 class U2PL(Method):
     name = "u2pl"
     ARCH = "deeplabv3plus_u2pl"
+    ddp_find_unused_parameters = True  # the rep head is idle during the supervised burn-in
     DEFAULTS = {"u2pl_contrast_weight": 0.1, "u2pl_queue": 30000, "u2pl_queue_bg": 50000,
                 "u2pl_sup_only": 1 / 80}
     # CPU preset: the UniMatch DeepLabV3+ (OS 16, the supervised baseline's model, half the cost
@@ -168,9 +169,11 @@ class U2PL(Method):
             # class by class, pixels in raster order: the official enqueue order. The bank still
             # gathers one row per (class, pixel) lane, C N rows (2.8 GB at VOC sizes); a fused
             # enqueue that compacts the valid lanes on the device is owed to the bank kernel.
-            n = labels.numel()
+            # under DDP every rank enqueues all ranks' keys, rank by rank (official concat_all_gather)
+            keys, negative = self.dist.gather(rep_t), self.dist.gather(negative)
+            n = keys.shape[0]
             rows = torch.arange(n, device=labels.device).repeat(self.num_classes)
-            self.bank.enqueue(rep_t, classes.repeat_interleave(n), negative.T.reshape(-1), rows=rows)
+            self.bank.enqueue(keys, classes.repeat_interleave(n), negative.T.reshape(-1), rows=rows)
 
         with nvtx_range("sampling"):
             neg_class, row_ok = processed_rows(present, cfg.u2pl_official_q1)
