@@ -6,6 +6,7 @@ written only after that check, so ``latest.pt`` always holds the last good state
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import os
 import random
@@ -75,7 +76,7 @@ class Trainer:
         self.amp_dtype = torch.bfloat16 if (cfg.amp == "bf16" or (cfg.amp == "auto" and self.device.type == "cuda")) else None
 
         # -- data: the data set hands out resumable, DDP-sharded batch streams --
-        self.data = build_dataset(cfg)
+        self.data = build_dataset(cfg if self.dist.is_main else dataclasses.replace(cfg, progress=False))
         self.num_classes = self.data.num_classes
         labeled_idx, unlabeled_idx = self.data.split(parse_labeled(cfg.labeled), cfg.data_seed, Path(cfg.out))
         self.num_labeled = labeled_idx.numel()
