@@ -500,3 +500,23 @@ def test_trainer_exact_resume_on_files(voc_root, tmp_path):
     sa, sb = a.method.state_dict(), b.method.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert {k: s.state_dict() for k, s in a.streams.items()} == {k: s.state_dict() for k, s in b.streams.items()}
+
+
+@pytest.mark.gpu
+def test_stream_on_cuda_pinned_and_sync_free(voc_root):
+    # worker processes + pinned memory: the batch lands on the GPU without a host sync, and equals
+    # the CPU stream's batch
+    data = voc(voc_root, num_workers=2)
+    idx = torch.arange(data.num_train)
+    ref = _take(voc(voc_root).train_stream(idx, labeled=True, batch_size=2, seed=3, crop=32, device="cpu"), 2)
+    stream = data.train_stream(idx, labeled=True, batch_size=2, seed=3, crop=32, device=torch.device("cuda"))
+    stream.next(None)  # start the workers outside the checked region
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        x, y = stream.next(None)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert x.is_cuda and y.is_cuda
+    assert torch.equal(x.cpu(), ref[1][0]) and torch.equal(y.cpu(), ref[1][1])
+    stream.close()
