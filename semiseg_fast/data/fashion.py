@@ -53,16 +53,15 @@ import subprocess
 import sys
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import DataError
-from ..fileio import atomic_save
 from .augment import hsv_to_rgb
-from .synthetic import _as_size, _one_thread
+from .synthetic import SyntheticSegmentation, _as_size, _one_thread, cached_scenes
 
 __all__ = [
     "CLASS_NAMES",
@@ -391,45 +390,17 @@ def generate_fashion_scenes(
 # -- one split, cached ------------------------------------------------------------------------------
 
 @dataclass
-class FashionSegmentation:
-    """One split held as two tensors, like ``SyntheticSegmentation``."""
+class FashionSegmentation(SyntheticSegmentation):
+    """One split held as two tensors, like ``SyntheticSegmentation`` (with this set's classes)."""
 
-    images: torch.Tensor  # uint8 [N, 3, H, W]
-    labels: torch.Tensor  # uint8 [N, H, W]
-    split: str
-    seed: int
     num_classes: int = NUM_CLASSES
     class_names: tuple[str, ...] = CLASS_NAMES
-    ignore_index: int = IGNORE_INDEX
-    cache_path: str | None = field(default=None, compare=False)
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-    def to(self, device: torch.device | str) -> "FashionSegmentation":
-        return FashionSegmentation(self.images.to(device), self.labels.to(device), self.split, self.seed,
-                                   self.num_classes, self.class_names, self.ignore_index, self.cache_path)
 
 
 def cache_file_name(split: str, num_images: int, size: int | tuple[int, int], seed: int, digest: str) -> str:
     """``digest`` identifies the garment files (``_files_digest``)."""
     height, width = _as_size(size)
     return f"fashion-v{GENERATOR_VERSION}-{split}-n{num_images}-{height}x{width}-seed{seed}-src{digest}.pt"
-
-
-def _read_cache(path: str, num_images: int, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-        images, labels = data["images"], data["labels"]
-    except FileNotFoundError:
-        return None
-    except Exception as exc:  # a damaged cache is only a cache: regenerate it
-        print(f"warning: ignoring unreadable cache file {path}: {exc}", file=sys.stderr)
-        return None
-    if (images.shape != (num_images, 3, height, width) or labels.shape != (num_images, height, width)
-            or images.dtype != torch.uint8 or labels.dtype != torch.uint8):
-        return None
-    return images, labels
 
 
 def load_fashion(
@@ -457,14 +428,8 @@ def load_fashion(
     if cache_dir:
         digest = _files_digest([folder / name for name in FILES[split]])
         path = os.path.join(cache_dir, cache_file_name(split, num_images, (height, width), seed, digest))
-    cached = _read_cache(path, num_images, height, width) if path else None
-    if cached is None:
-        garments = load_garments(split, folder)
-        offset = SPLIT_OFFSETS[split]
-        images, labels = generate_fashion_scenes(garments, seed, range(offset, offset + num_images), (height, width),
-                                                 progress=split if progress else None)
-        if path:
-            atomic_save({"images": images, "labels": labels, "version": GENERATOR_VERSION}, path)
-    else:
-        images, labels = cached
+    offset = SPLIT_OFFSETS[split]
+    images, labels = cached_scenes(path, num_images, height, width, GENERATOR_VERSION, lambda: generate_fashion_scenes(
+        load_garments(split, folder), seed, range(offset, offset + num_images), (height, width),
+        progress=split if progress else None))
     return FashionSegmentation(images, labels, split, seed, cache_path=path)

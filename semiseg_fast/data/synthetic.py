@@ -37,10 +37,11 @@ every machine, for a given torch version.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -433,7 +434,9 @@ def generate_scenes(
 
 @dataclass
 class SyntheticSegmentation:
-    """One split held as two tensors (move them to the GPU once; nothing is generated lazily)."""
+    """One split held as two tensors (move them to the GPU once; nothing is generated lazily).
+
+    Also the base of the other generated sets' splits (``FashionSegmentation``)."""
 
     images: torch.Tensor  # uint8 [N, 3, H, W]
     labels: torch.Tensor  # uint8 [N, H, W]
@@ -447,9 +450,8 @@ class SyntheticSegmentation:
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    def to(self, device: torch.device | str) -> "SyntheticSegmentation":
-        return SyntheticSegmentation(self.images.to(device), self.labels.to(device), self.split, self.seed,
-                                     self.num_classes, self.class_names, self.ignore_index, self.cache_path)
+    def to(self, device: torch.device | str):
+        return dataclasses.replace(self, images=self.images.to(device), labels=self.labels.to(device))
 
 
 def cache_file_name(split: str, num_images: int, size: int | tuple[int, int], seed: int) -> str:
@@ -472,6 +474,19 @@ def _read_cache(path: str, num_images: int, height: int, width: int) -> tuple[to
     return images, labels
 
 
+def cached_scenes(path: str | None, num_images: int, height: int, width: int, version: int,
+                  generate: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scenes in cache file ``path`` when it holds ``num_images`` of ``height`` x ``width``, else
+    ``generate()``, written to ``path`` atomically (``path`` None: no cache)."""
+    cached = _read_cache(path, num_images, height, width) if path else None
+    if cached is not None:
+        return cached
+    images, labels = generate()
+    if path:
+        atomic_save({"images": images, "labels": labels, "version": version}, path)
+    return images, labels
+
+
 def load_synthetic(
     split: str,
     num_images: int,
@@ -491,13 +506,7 @@ def load_synthetic(
         raise ValueError(f"num_images must be an integer >= 1, got {num_images!r}")
     height, width = _as_size(size)
     path = os.path.join(cache_dir, cache_file_name(split, num_images, size, seed)) if cache_dir else None
-    cached = _read_cache(path, num_images, height, width) if path else None
-    if cached is None:
-        offset = SPLIT_OFFSETS[split]
-        images, labels = generate_scenes(seed, range(offset, offset + num_images), (height, width),
-                                         progress=split if progress else None)
-        if path:
-            atomic_save({"images": images, "labels": labels, "version": GENERATOR_VERSION}, path)
-    else:
-        images, labels = cached
+    offset = SPLIT_OFFSETS[split]
+    images, labels = cached_scenes(path, num_images, height, width, GENERATOR_VERSION, lambda: generate_scenes(
+        seed, range(offset, offset + num_images), (height, width), progress=split if progress else None))
     return SyntheticSegmentation(images, labels, split, seed, cache_path=path)
