@@ -34,7 +34,8 @@ Splits are drawn from ``--data-seed`` and written to ``<out>/splits/{labeled,unl
 
 What the papers used (pass it yourself; the defaults are CPU-sized): UniMatch trains VOC with
 ``--crop 321`` on the classic splits and ``--crop 513`` on the blended ones (IPixMatch R50-321
-and R101-513), batch 2+2 per GPU on 4 GPUs (``--batch-size 8``), 80 epochs, and evaluates whole
+and R101-513), batch 2+2 per GPU on 4 GPUs (one process: ``--batch-size 8``; torchrun with 4 processes:
+``--batch-size 2``, the batch size is per process), 80 epochs, and evaluates whole
 images at their original size (the default here: ``--eval-window 0``). U2PL: crop 513. CTT and
 MLLC (DeepLabV2): crop 321.
 """
