@@ -71,6 +71,7 @@ class TrainConfig:
     # MLLC
     mllc_rounds: int | None = field(default=None, metadata={"help": "mllc: graph rounds K"})
     mllc_official_mask: bool = field(default=False, metadata={"help": "mllc: the official scrambled class-graph mask instead of label equality"})
+    mllc_batch_graph: bool = field(default=False, metadata={"help": "mllc: one graph over all pixels of the batch (inter-image) instead of one per image"})
     mllc_proto_weight: float | None = field(default=None, metadata={"help": "mllc: weight of the prototype (inter-image SLG) loss"})
     mllc_proto_start: float | None = field(default=None, metadata={"help": "mllc: fraction of the run before the prototype loss starts"})
     mllc_affinity_weight: float | None = field(default=None, metadata={"help": "mllc: weight of the intra-image affinity BCE (commented out in the code; 0 = official)"})
@@ -122,6 +123,8 @@ class TrainConfig:
         for name in ("eval_every", "ckpt_every"):
             need(getattr(self, name) >= 0, name, "expected an integer >= 0")
         need(self.output_stride in (None, 8, 16, 32), "output_stride", "expected 8, 16 or 32")
+        need(not (self.mllc_batch_graph and self.mllc_official_mask), "mllc_batch_graph",
+             "the official class-graph layout (--mllc-official-mask) is per image; use one of the two")
         need(self.protocol in (None, "classic", "blended"), "protocol", "expected classic or blended")
         need(self.protocol is None or self.data == "voc", "protocol", "only voc has protocols")
         need(not self.splits or self.data in ("voc", "cityscapes"), "splits", "only voc and cityscapes read split files")

@@ -226,3 +226,31 @@ def test_mllc_official_mask_flag_changes_the_class_graph(tmp_path):
     with torch.no_grad():
         za, zb = a.student(x)["levels"][1][1], b.student(x)["levels"][1][1]
     assert not torch.allclose(za, zb)
+
+
+def test_mllc_batch_graph_is_one_graph_over_the_batch():
+    from semiseg_fast.errors import ConfigError
+    from semiseg_fast.methods.mllc import EMBED, G2Layer
+    from semiseg_fast.reference.graph import graph_propagate as ref_layer
+
+    torch.manual_seed(3)
+    c, b, h, w = 5, 3, 4, 5
+    per_image = G2Layer(c, official_mask=False).double()
+    batch = copy.deepcopy(per_image)
+    batch.batch_graph = True
+    z = torch.randn(b, c, h, w, dtype=torch.float64)
+    f = torch.randn(b, EMBED, h, w, dtype=torch.float64)
+    eta = torch.full((c,), 0.3, dtype=torch.float64)
+    zb, fb = batch(z, f, eta)
+    # the same as the reference layer on the B*h*w pixel rows of the whole batch (image-major)
+    rows = lambda t: t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])  # noqa: E731
+    z_ref, f_ref = ref_layer(rows(z), rows(f), eta, batch.conv_z, batch.conv_f, k=21, threshold=0.95)
+    torch.testing.assert_close(rows(zb), z_ref)
+    torch.testing.assert_close(rows(fb), f_ref)
+    # and not the per-image graphs: neighbours and classes now cross images
+    zi, fi = per_image(z, f, eta)
+    assert not torch.allclose(zb, zi) and not torch.allclose(fb, fi)
+    with pytest.raises(ValueError, match="per image"):
+        G2Layer(c, official_mask=True, batch_graph=True)
+    with pytest.raises(ConfigError, match="--mllc-batch-graph"):
+        TrainConfig(method="mllc", mllc_batch_graph=True, mllc_official_mask=True).validate()

@@ -63,16 +63,25 @@ EMBED = 256
 
 
 class G2Layer(nn.Module):
-    """One graph round on a batch: per image ``ops.graph_propagate`` with this layer's 1x1 convs."""
+    """One graph round on a batch: ``ops.graph_propagate`` with this layer's 1x1 convs, on one graph
+    per image (the paper's) or, with ``batch_graph``, one graph over the pixels of the whole batch
+    (inter-image neighbours and classes; N = B h w nodes, which the official dense layer cannot hold)."""
 
-    def __init__(self, num_classes: int, official_mask: bool):
+    def __init__(self, num_classes: int, official_mask: bool, batch_graph: bool = False):
         super().__init__()
+        if batch_graph and official_mask:
+            raise ValueError("mllc: the official class-graph layout is defined per image; it cannot be batch-wide")
         self.conv_z = nn.Sequential(nn.Conv2d(num_classes, num_classes, 1), nn.Conv2d(num_classes, num_classes, 1))
         self.conv_f = nn.Sequential(nn.Conv2d(EMBED, EMBED, 1), nn.ReLU(inplace=True), nn.Conv2d(EMBED, EMBED, 1))
         self.official_mask = official_mask
+        self.batch_graph = batch_graph
 
     def forward(self, z: torch.Tensor, f: torch.Tensor, eta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b, c, h, w = z.shape
+        if self.batch_graph:
+            z_all, f_all = ops.graph_propagate(to_rows(z), to_rows(f), eta, self.conv_z, self.conv_f,
+                                               k=min(K_NEIGHBOURS, b * h * w), threshold=CONF)
+            return (z_all.reshape(b, h, w, -1).permute(0, 3, 1, 2), f_all.reshape(b, h, w, -1).permute(0, 3, 1, 2))
         k = min(K_NEIGHBOURS, h * w)
         zs, fs = [], []
         for i in range(b):
@@ -88,10 +97,10 @@ class MLLCNet(nn.Module):
     """DeepLabV2 (MLLC heads) + K graph rounds; ``forward`` returns the last round's logits as
     ``"logits"`` and every level in ``"levels"`` (a list of (Z_k, F_k))."""
 
-    def __init__(self, base: nn.Module, num_classes: int, rounds: int, official_mask: bool):
+    def __init__(self, base: nn.Module, num_classes: int, rounds: int, official_mask: bool, batch_graph: bool = False):
         super().__init__()
         self.base = base
-        self.layers = nn.ModuleList(G2Layer(num_classes, official_mask) for _ in range(rounds))
+        self.layers = nn.ModuleList(G2Layer(num_classes, official_mask, batch_graph) for _ in range(rounds))
         self.register_buffer("class_counts", torch.zeros(num_classes, dtype=torch.float64))
 
     def eta(self) -> torch.Tensor:
@@ -154,7 +163,7 @@ class MLLC(Method):
     def __init__(self, cfg, num_classes):
         super().__init__(cfg, num_classes)
         self.student = MLLCNet(self.build_network(rep_head="mllc"), num_classes, cfg.mllc_rounds,
-                               cfg.mllc_official_mask)
+                               cfg.mllc_official_mask, cfg.mllc_batch_graph)
         levels = cfg.mllc_rounds + 1
         self.register_buffer("proto", torch.zeros(levels, num_classes, EMBED))
         self.register_buffer("proto_seen", torch.zeros(levels, num_classes, dtype=torch.bool))
