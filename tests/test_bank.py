@@ -443,15 +443,19 @@ def test_hot_path_on_cuda_without_syncs():
     assert big[0].fill.tolist() == [6, 3, 4]
 
 
-def test_enqueue_rows_equals_enqueue_of_the_gathered_keys():
+@pytest.mark.parametrize("caps", [[5, 4, 6], [2, 1, 3]])
+def test_enqueue_rows_equals_enqueue_of_the_gathered_keys(caps):
+    # 27 lanes over 9 keys: the rows path writes in chunks of 9 lanes; small capacities make
+    # classes overflow, so lanes of one slot (overwritten in the same call) span chunks
     g = torch.Generator().manual_seed(3)
-    keys = torch.randn(9, 4, generator=g)
-    rows = torch.arange(9).repeat(3)  # every key offered to three queues
-    labels = torch.arange(3).repeat_interleave(9)
-    valid = torch.rand(27, generator=g) < 0.6
-    a = ClassMemoryBank(3, 4, [5, 4, 6])
-    b = ClassMemoryBank(3, 4, [5, 4, 6])
-    a.enqueue(keys, labels, valid, rows=rows)
-    b.enqueue(keys[rows], labels, valid)
-    for k, v in a.state_dict().items():
-        assert torch.equal(v, b.state_dict()[k]), k
+    a = ClassMemoryBank(3, 4, caps)
+    b = ClassMemoryBank(3, 4, caps)
+    for _ in range(3):
+        keys = torch.randn(9, 4, generator=g)
+        rows = torch.arange(9).repeat(3)  # every key offered to three queues
+        labels = torch.arange(3).repeat_interleave(9)
+        valid = torch.rand(27, generator=g) < 0.6
+        a.enqueue(keys, labels, valid, rows=rows)
+        b.enqueue(keys[rows], labels, valid)
+        for k, v in a.state_dict().items():
+            assert torch.equal(v, b.state_dict()[k]), k

@@ -399,8 +399,13 @@ class ClassMemoryBank(nn.Module):
         saved = flat.index_select(0, dest[:1])
         if rows is not None:
             src = rows.long().index_select(0, src)
-        values = keys.detach().index_select(0, src).to(self.bank.dtype)
-        flat.index_copy_(0, dest, values)
+        # Gathered and written keys.shape[0] lanes at a time: U2PL offers every key to every
+        # queue (C N lanes), and one gather would hold C N D values (2.8 GB at VOC sizes) where a
+        # chunk holds N D. Lanes of one slot carry identical rows, so chunk order is immaterial.
+        step = keys.shape[0]
+        for lo in range(0, n, step):
+            values = keys.detach().index_select(0, src[lo : lo + step]).to(self.bank.dtype)
+            flat.index_copy_(0, dest[lo : lo + step], values)
         restored = torch.where(any_valid, flat.index_select(0, dest[:1]), saved)
         flat.index_copy_(0, dest[:1], restored)
 

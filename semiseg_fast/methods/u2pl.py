@@ -166,9 +166,8 @@ class U2PL(Method):
             rank_u, rank_l = (to_rows(r) for r in ops.rank_mask(prob, LOW_RANK, HIGH_RANK))
             negative = negative_mask(labels, is_labeled, rank_l, rank_u, self.num_classes, cfg.u2pl_official_q2)
             negative = negative & high.unsqueeze(1) & (prob_rows < NEG_PROB)
-            # class by class, pixels in raster order: the official enqueue order. The bank still
-            # gathers one row per (class, pixel) lane, C N rows (2.8 GB at VOC sizes); a fused
-            # enqueue that compacts the valid lanes on the device is owed to the bank kernel.
+            # class by class, pixels in raster order: the official enqueue order. The bank writes
+            # the C N (class, pixel) lanes N at a time, so no C N x D copy of the keys exists.
             # under DDP every rank enqueues all ranks' keys, rank by rank (official concat_all_gather)
             keys, negative = self.dist.gather(rep_t), self.dist.gather(negative)
             n = keys.shape[0]
