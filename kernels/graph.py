@@ -3,9 +3,11 @@
 Semantic graph (``graph_mix``), per image of N nodes with unit features F^ [N, D]:
 
 1. ``_topk_kernel``: each program streams the similarity tiles S = max(0, F^_I F^_J^T) of a row
-   block through ``tl.dot`` and keeps a sorted buffer of the 32 largest values per row (merge =
-   ``tl.sort`` of buffer and tile); theta_i = the k-th largest (k <= 32, MLLC's 21; larger k runs
-   the reference). Ties at theta are all kept, as the reference's value rule.
+   block through ``tl.dot`` and keeps a sorted buffer of the KP largest values per row (merge =
+   ``tl.sort`` of buffer and tile); theta_i = the k-th largest. KP = max(32, next power of 2 of k)
+   and the tiles are KP x KP, so k <= 64 (MLLC's 21 uses 32; larger k runs the reference; a
+   128-wide buffer would work the same way but is untested: the interpreter needs ~10 minutes for it). Ties at theta are all kept, as the
+   reference's value rule.
 2. ``_degree_kernel``: the same tiles again, A = S' + S'^T with S'_ij = S_ij [S_ij >= theta_i]
    (each S'_ji taken from the tile of row j's own block, bit-identical to what its top-k saw, so
    the k-th neighbour is never lost to a last-bit difference and A is exactly symmetric), degree
@@ -31,9 +33,13 @@ import triton.language as tl
 
 from semiseg_fast import reference as ref
 
-_BLOCK_R = 32  # = _BLOCK_N: the transposed tile of a row block is the tile of a column block
-_BLOCK_N = 32
-_KP = 32  # top-k buffer: k up to 32
+_MAX_K = 64
+
+
+def _block(k: int) -> int:
+    # top-k buffer = tile width (the merge joins the two); tile height = width, so the transposed
+    # tile of a row block is bit for bit the tile of a column block (see _graph_tile)
+    return max(32, triton.next_power_of_2(k))
 
 
 @triton.jit
@@ -122,21 +128,23 @@ def _semantic_graph(F: torch.Tensor, k: int):
     f = (f / (f.norm(dim=1, keepdim=True) + 1e-9)).contiguous()
     theta = torch.empty(n, dtype=torch.float32, device=F.device)
     deg = torch.empty(n, dtype=torch.float32, device=F.device)
-    grid = (triton.cdiv(n, _BLOCK_R),)
+    blk = _block(k)
+    grid = (triton.cdiv(n, blk),)
     block_d = max(16, triton.next_power_of_2(d))  # tl.dot needs K >= 16 on GPUs
-    _topk_kernel[grid](f, theta, n, d, k, BLOCK_R=_BLOCK_R, BLOCK_N=_BLOCK_N, KP=_KP, BLOCK_D=block_d)
-    _degree_kernel[grid](f, theta, deg, n, d, BLOCK_R=_BLOCK_R, BLOCK_N=_BLOCK_N, BLOCK_D=block_d)
-    return f, theta, torch.pow(deg + 1e-10, -0.5)
+    _topk_kernel[grid](f, theta, n, d, k, BLOCK_R=blk, BLOCK_N=blk, KP=blk, BLOCK_D=block_d)
+    _degree_kernel[grid](f, theta, deg, n, d, BLOCK_R=blk, BLOCK_N=blk, BLOCK_D=block_d)
+    return f, theta, torch.pow(deg + 1e-10, -0.5), blk
 
 
 def _apply(graph, X: torch.Tensor) -> torch.Tensor:
-    f, theta, dinv = graph
+    f, theta, dinv, blk = graph
     n, d = f.shape
     x = X.float().contiguous()
     out = torch.empty_like(x)
-    _apply_kernel[(triton.cdiv(n, _BLOCK_R),)](f, theta, dinv, x, out, n, d, x.shape[1], BLOCK_R=_BLOCK_R,
-                                               BLOCK_N=_BLOCK_N, BLOCK_D=max(16, triton.next_power_of_2(d)),
-                                               BLOCK_X=max(triton.next_power_of_2(x.shape[1]), 16))
+    # the same tile shape as the passes that made theta, so every S_ij is recomputed bit for bit
+    _apply_kernel[(triton.cdiv(n, blk),)](f, theta, dinv, x, out, n, d, x.shape[1], BLOCK_R=blk,
+                                          BLOCK_N=blk, BLOCK_D=max(16, triton.next_power_of_2(d)),
+                                          BLOCK_X=max(triton.next_power_of_2(x.shape[1]), 16))
     return out
 
 
@@ -173,11 +181,11 @@ def class_propagate_backward(grad, logits, y, official_layout, h, w):
 
 
 def _small_k(Z, F, eta, k, *_):
-    return k <= _KP
+    return k <= _MAX_K
 
 
 def _small_k_backward(grad, F, mask, k):
-    return k <= _KP
+    return k <= _MAX_K
 
 
 def _intended_mask(logits, y, F, official_layout, *_):

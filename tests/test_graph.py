@@ -40,7 +40,8 @@ def check_mix(Z, F, eta, k, threshold=0.8, floor=1e-6):
     return outs["fused"]
 
 
-@pytest.mark.parametrize("n,k", [(45, 21), (7, 7), (33, 32), (40, 1)])
+# k > 32 takes a 64-wide top-k buffer and 64 x 64 tiles (two row blocks here)
+@pytest.mark.parametrize("n,k", [(45, 21), (7, 7), (33, 32), (40, 1), (70, 33)])
 def test_graph_mix_matches_reference(n, k):
     check_mix(*case(n=n, seed=n + k), k=k)
 
@@ -67,11 +68,11 @@ def test_class_propagate_intended_mask_and_reference_fallbacks():
     # the official scrambled mask and k beyond the top-k buffer run the references under auto
     with pytest.raises(NotImplementedError, match="class_propagate"):
         ops.class_propagate(Z, y, F, official_layout=True, h=5, w=6, impl="triton")
-    Z40, F40, _ = case(n=40, seed=8)
+    Zn, Fn, _ = case(n=70, seed=8)
     with pytest.raises(NotImplementedError, match="graph_mix"):
-        ops.graph_mix(Z40, F40, torch.zeros(Z.shape[1]), k=33, impl="triton")
+        ops.graph_mix(Zn, Fn, torch.zeros(Z.shape[1]), k=65, impl="triton")
     ops.class_propagate(Z, y, F, official_layout=True, h=5, w=6)
-    ops.graph_mix(Z40, F40, torch.zeros(Z.shape[1]), k=33)
+    ops.graph_mix(Zn, Fn, torch.zeros(Z.shape[1]), k=65)
 
 
 def test_whole_layer_and_compile():
