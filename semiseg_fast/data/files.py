@@ -275,18 +275,11 @@ class _BatchPlan:
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         stream = IndexStream(self.indices, self.global_batch, self.seed)
         stream.load_state_dict(self.state)
-        n = stream.indices.numel()
         lo, hi = self.rank * self.batch, (self.rank + 1) * self.batch
         while True:
-            epoch, position = stream.epoch, stream.position
-            specs = []
-            for k, index in enumerate(stream.next().tolist()):
-                if position == n:  # the same epoch roll-over as IndexStream.next
-                    epoch, position = epoch + 1, 0
-                if lo <= k < hi:
-                    specs.append((index, sample_seed(self.seed, epoch, position)))
-                position += 1
-            yield specs
+            indices, where = stream.next_with_positions()
+            yield [(index, sample_seed(self.seed, *where[k])) for k, index in enumerate(indices.tolist())
+                   if lo <= k < hi]
 
 
 class _CropSet(Dataset):

@@ -28,7 +28,11 @@ class IndexStream:
 
     def next(self) -> torch.Tensor:
         """The next ``batch_size`` indices; a batch may span two epochs (small labeled sets)."""
-        parts, need = [], self.batch_size
+        return self.next_with_positions()[0]
+
+    def next_with_positions(self) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """``next()`` and, per index, the (epoch, position in the epoch) it was drawn at."""
+        parts, where, need = [], [], self.batch_size
         while need:
             if self.position == self._order.numel():
                 self.epoch += 1
@@ -36,9 +40,10 @@ class IndexStream:
                 self._order = self._permutation(self.epoch)
             take = min(need, self._order.numel() - self.position)
             parts.append(self._order[self.position : self.position + take])
+            where += [(self.epoch, p) for p in range(self.position, self.position + take)]
             self.position += take
             need -= take
-        return torch.cat(parts)
+        return torch.cat(parts), where
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position}
