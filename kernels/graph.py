@@ -1,45 +1,70 @@
 """MLLC graph propagation (spec/methods.md 5b) without any N x N matrix in memory.
 
+Both graphs of the layer are applied by streaming their tiles: a tile of the graph is recomputed
+from O(N) per-node data whenever it is needed, so memory beyond the inputs is O(N) (a stored
+O(N k) CSR would need a device-side compaction of the kept entries and a second gather-style
+kernel; recomputing a tile costs one ``tl.dot`` that the apply pass needs anyway).
+
 Semantic graph (``graph_mix``), per image of N nodes with unit features F^ [N, D]:
 
 1. ``_topk_kernel``: each program streams the similarity tiles S = max(0, F^_I F^_J^T) of a row
    block through ``tl.dot`` and keeps a sorted buffer of the KP largest values per row (merge =
    ``tl.sort`` of buffer and tile); theta_i = the k-th largest. KP = max(32, next power of 2 of k)
    and the tiles are KP x KP, so k <= 64 (MLLC's 21 uses 32; larger k runs the reference; a
-   128-wide buffer would work the same way but is untested: the interpreter needs ~10 minutes for it). Ties at theta are all kept, as the
-   reference's value rule.
+   128-wide buffer would work the same way but is untested: the interpreter needs ~10 minutes for
+   it). Ties at theta are all kept, as the reference's value rule.
 2. ``_degree_kernel``: the same tiles again, A = S' + S'^T with S'_ij = S_ij [S_ij >= theta_i]
    (each S'_ji taken from the tile of row j's own block, bit-identical to what its top-k saw, so
    the k-th neighbour is never lost to a last-bit difference and A is exactly symmetric), degree
    d_i = sum_j A_ij.
 3. ``_apply_kernel``: (A^ X)_I = d_I^-1/2 sum_J (A_IJ d_J^-1/2) X_J with a second ``tl.dot``; the
-   forward applies it to Z, the backward to l1 g (A^ is symmetric, so no transpose).
+   forward applies it to Z, the backward to l1 g (A^ is symmetric, so no transpose), taking theta
+   and d^-1/2 from the forward (the op's ``state`` output), so it runs this pass alone.
 
-Three passes (the last two computing each tile and its transpose) of N^2 D work and O(N) memory (theta, degrees), instead of the dense
-reference's N x N similarity, top-k and normalised graph (and the official code's two N^3
+Three passes (the last two computing each tile and its transpose) of N^2 D work, instead of the
+dense reference's N x N similarity, top-k and normalised graph (and the official code's two N^3
 ``diag_embed`` products). All fp32 with IEEE ``tl.dot``: theta compares values exactly, and TF32
 rounding would move pixels across it.
+The per-row top-k stays in Triton: the issue's CUDA C++ alternative is conditioned on a GPU
+measurement of this kernel that has not been made yet. One launch covers one graph (the op is
+per image); at VOC's 1681 nodes that is 53 row programs per pass, fewer than an H100's SMs.
 
-Class graph (``class_propagate``) with the intended label-equality mask needs no kernel: P2 >= 0
-makes it block-diagonal of rank C, so Q^ X is three O(N C D) torch ops
+Class graph (``class_propagate``). With the intended label-equality mask it needs no kernel: P2 >= 0
+makes it block-diagonal of rank C, so Q^ X is two O(N C^2 D) GEMMs in torch
 (``reference.class_graph_lowrank``), on the device, without host reads. The official scrambled
-mask is not low-rank: it runs the dense reference (``accepts`` says so).
+mask M_ij = [OH'_i . OH'_j != 0] is not low-rank; it streams through the same degree and apply
+kernels with the class tile Q_IJ = max(0, P2^_I P2^_J^T) [M_IJ]: OH' [N, C] is built on the device
+(O(N C)) and packed into 31-bit words per node, so M_IJ is an AND of words, exact, with no extra
+dot. Pass 1 gives e = (rowsum Q + 1e-10)^-1/2, pass 2 F' = e * (Q (e * F)); the backward is the
+same apply on g (Q^ is symmetric up to the rounding of its tile products: no threshold acts on Q,
+so a last-bit difference between Q_ij and Q_ji only moves dF by rounding). Nodes whose OH' row is
+zero have an empty row: F' = 0 there.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+import torch.nn.functional as nnf
 import triton
 import triton.language as tl
 
 from semiseg_fast import reference as ref
 
 _MAX_K = 64
+_CLASS_BLOCK = 64  # class-graph tiles: no top-k buffer ties their size
+_MAX_BLOCK_X = 128  # apply columns per program: X = F has D = 256 columns, a 2-D grid splits them
+_WORD_BITS = 31  # mask bits per int32 word, sign bit unused so packing never overflows
 
 
 def _block(k: int) -> int:
     # top-k buffer = tile width (the merge joins the two); tile height = width, so the transposed
     # tile of a row block is bit for bit the tile of a column block (see _graph_tile)
     return max(32, triton.next_power_of_2(k))
+
+
+def _dot_width(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))  # tl.dot needs K >= 16 on GPUs
 
 
 @triton.jit
@@ -89,29 +114,54 @@ def _graph_tile(f_ptr, theta_ptr, offs_r, offs_n, offs_d, N, D):
 
 
 @triton.jit
-def _degree_kernel(f_ptr, theta_ptr, deg_ptr, N, D, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_D: tl.constexpr):
+def _class_tile(p_ptr, words_ptr, offs_r, offs_n, offs_c, N, C, NW):
+    # Q_IJ = max(0, P2^_I . P2^_J) where the OH' rows share a set bit. Out-of-range nodes load
+    # empty words, so their rows and columns are zero without a separate bounds mask.
+    q, n_ok = _sim_tile(p_ptr, offs_r, offs_n, offs_c, N, C)
+    r_ok = offs_r < N
+    shared = tl.zeros(q.shape, dtype=tl.int32)
+    for word in range(0, NW):
+        wr = tl.load(words_ptr + offs_r.to(tl.int64) * NW + word, mask=r_ok, other=0)
+        wn = tl.load(words_ptr + offs_n.to(tl.int64) * NW + word, mask=n_ok, other=0)
+        shared = shared | (wr[:, None] & wn[None, :])
+    return tl.where(shared != 0, q, 0.0), n_ok
+
+
+@triton.jit
+def _tile(feat_ptr, aux_ptr, offs_r, offs_n, offs_d, N, D, NW, CLASS_GRAPH: tl.constexpr):
+    # aux is theta [N] for the semantic graph, the packed OH' words [N, NW] for the class graph
+    if CLASS_GRAPH:
+        a, n_ok = _class_tile(feat_ptr, aux_ptr, offs_r, offs_n, offs_d, N, D, NW)
+    else:
+        a, n_ok = _graph_tile(feat_ptr, aux_ptr, offs_r, offs_n, offs_d, N, D)
+    return a, n_ok
+
+
+@triton.jit
+def _degree_kernel(feat_ptr, aux_ptr, deg_ptr, N, D, NW, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_D: tl.constexpr, CLASS_GRAPH: tl.constexpr):
     offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_d = tl.arange(0, BLOCK_D)
     deg = tl.zeros([BLOCK_R], dtype=tl.float32)
     for start in range(0, N, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
-        a, _ = _graph_tile(f_ptr, theta_ptr, offs_r, offs_n, offs_d, N, D)
+        a, _ = _tile(feat_ptr, aux_ptr, offs_r, offs_n, offs_d, N, D, NW, CLASS_GRAPH)
         deg += tl.sum(a, axis=1)
     tl.store(deg_ptr + offs_r, deg, mask=offs_r < N)
 
 
 @triton.jit
-def _apply_kernel(f_ptr, theta_ptr, dinv_ptr, x_ptr, out_ptr, N, D, CX,
-                  BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_X: tl.constexpr):
+def _apply_kernel(feat_ptr, aux_ptr, dinv_ptr, x_ptr, out_ptr, N, D, NW, CX,
+                  BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_X: tl.constexpr,
+                  CLASS_GRAPH: tl.constexpr):
     offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_x = tl.arange(0, BLOCK_X)
+    offs_x = tl.program_id(1) * BLOCK_X + tl.arange(0, BLOCK_X)
     x_ok = offs_x < CX
     acc = tl.zeros([BLOCK_R, BLOCK_X], dtype=tl.float32)
     for start in range(0, N, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
-        a, n_ok = _graph_tile(f_ptr, theta_ptr, offs_r, offs_n, offs_d, N, D)
+        a, n_ok = _tile(feat_ptr, aux_ptr, offs_r, offs_n, offs_d, N, D, NW, CLASS_GRAPH)
         dn = tl.load(dinv_ptr + offs_n, mask=n_ok, other=0.0)
         xn = tl.load(x_ptr + offs_n.to(tl.int64)[:, None] * CX + offs_x[None, :], mask=n_ok[:, None] & x_ok[None, :],
                      other=0.0)
@@ -121,30 +171,74 @@ def _apply_kernel(f_ptr, theta_ptr, dinv_ptr, x_ptr, out_ptr, N, D, CX,
              mask=(offs_r < N)[:, None] & x_ok[None, :])
 
 
-def _semantic_graph(F: torch.Tensor, k: int):
-    """(unit features, theta, d^-1/2): all a graph application needs, O(N) beyond F."""
-    n, d = F.shape
-    f = F.float()
-    f = (f / (f.norm(dim=1, keepdim=True) + 1e-9)).contiguous()
-    theta = torch.empty(n, dtype=torch.float32, device=F.device)
-    deg = torch.empty(n, dtype=torch.float32, device=F.device)
-    blk = _block(k)
-    grid = (triton.cdiv(n, blk),)
-    block_d = max(16, triton.next_power_of_2(d))  # tl.dot needs K >= 16 on GPUs
-    _topk_kernel[grid](f, theta, n, d, k, BLOCK_R=blk, BLOCK_N=blk, KP=blk, BLOCK_D=block_d)
-    _degree_kernel[grid](f, theta, deg, n, d, BLOCK_R=blk, BLOCK_N=blk, BLOCK_D=block_d)
-    return f, theta, torch.pow(deg + 1e-10, -0.5), blk
+class _Graph(NamedTuple):
+    """What applying a streamed graph needs, O(N) beyond its inputs."""
+
+    feat: torch.Tensor  # unit rows whose clamped Gram gives the tiles: F^ [N, D] or P2^ [N, C]
+    aux: torch.Tensor  # theta [N] (semantic) or packed OH' words int32 [N, NW] (class)
+    dinv: torch.Tensor  # d^-1/2 (semantic) or e (class), [N]
+    words: int  # NW (0 for the semantic graph)
+    block: int  # square tile size
+    is_class: bool
 
 
-def _apply(graph, X: torch.Tensor) -> torch.Tensor:
-    f, theta, dinv, blk = graph
+def _unit_rows(x: torch.Tensor) -> torch.Tensor:
+    x = x.float()
+    return (x / (x.norm(dim=1, keepdim=True) + 1e-9)).contiguous()
+
+
+def _with_degrees(feat: torch.Tensor, aux: torch.Tensor, words: int, block: int, is_class: bool) -> _Graph:
+    n, d = feat.shape
+    deg = torch.empty(n, dtype=torch.float32, device=feat.device)
+    _degree_kernel[(triton.cdiv(n, block),)](feat, aux, deg, n, d, words, BLOCK_R=block, BLOCK_N=block,
+                                             BLOCK_D=_dot_width(d), CLASS_GRAPH=is_class)
+    return _Graph(feat, aux, torch.pow(deg + 1e-10, -0.5), words, block, is_class)
+
+
+def semantic_graph(F: torch.Tensor, k: int) -> _Graph:
+    """Top-k and degree passes (three similarity products): all an application of A^ needs, O(N).
+
+    Public so that profiling can time the similarity tiles alone.
+    """
+    f = _unit_rows(F)
     n, d = f.shape
+    theta = torch.empty(n, dtype=torch.float32, device=F.device)
+    blk = _block(k)
+    _topk_kernel[(triton.cdiv(n, blk),)](f, theta, n, d, k, BLOCK_R=blk, BLOCK_N=blk, KP=blk,
+                                         BLOCK_D=_dot_width(d))
+    return _with_degrees(f, theta, 0, blk, False)
+
+
+def _mask_words(onehot: torch.Tensor) -> torch.Tensor:
+    """Pack a 0/1 [N, C] matrix into int32 words [N, ceil(C / 31)] on the device, O(N C)."""
+    n, c = onehot.shape
+    nw = triton.cdiv(c, _WORD_BITS)
+    bits = nnf.pad(onehot.long(), (0, nw * _WORD_BITS - c)).view(n, nw, _WORD_BITS)
+    weights = torch.pow(2, torch.arange(_WORD_BITS, device=onehot.device, dtype=torch.int64))
+    return (bits * weights).sum(dim=2).to(torch.int32).contiguous()  # < 2^31 by construction
+
+
+def _official_class_graph(logits: torch.Tensor, y: torch.Tensor, h: int, w: int) -> _Graph:
+    # IEEE tl.dot for both products, as the semantic graph: the official layout runs per image
+    # (N <= ~8k), where the two passes cost tens of microseconds, while TF32's 10-bit mantissa
+    # would put ~1e-3 relative errors on every Q_ij, far outside the fp32 reference's rounding
+    # that the tests hold the op to.
+    p = _unit_rows(torch.softmax(logits.float(), dim=1))
+    words = _mask_words(ref.official_onehot(y.long(), p.shape[1], h, w))
+    return _with_degrees(p, words, words.shape[1], _CLASS_BLOCK, True)
+
+
+def _apply(graph: _Graph, X: torch.Tensor) -> torch.Tensor:
+    n, d = graph.feat.shape
     x = X.float().contiguous()
+    cx = x.shape[1]
     out = torch.empty_like(x)
+    block_x = min(max(triton.next_power_of_2(cx), 16), _MAX_BLOCK_X)
     # the same tile shape as the passes that made theta, so every S_ij is recomputed bit for bit
-    _apply_kernel[(triton.cdiv(n, blk),)](f, theta, dinv, x, out, n, d, x.shape[1], BLOCK_R=blk,
-                                          BLOCK_N=blk, BLOCK_D=max(16, triton.next_power_of_2(d)),
-                                          BLOCK_X=max(triton.next_power_of_2(x.shape[1]), 16))
+    grid = (triton.cdiv(n, graph.block), triton.cdiv(cx, block_x))
+    _apply_kernel[grid](graph.feat, graph.aux, graph.dinv, x, out, n, d, graph.words, cx,
+                        BLOCK_R=graph.block, BLOCK_N=graph.block, BLOCK_D=_dot_width(d),
+                        BLOCK_X=block_x, CLASS_GRAPH=graph.is_class)
     return out
 
 
@@ -157,49 +251,54 @@ def graph_mix(Z, F, eta, k, threshold):
     z = Z.float()
     conf, y = torch.max(torch.softmax(z, dim=1), dim=1)
     mask = (conf >= threshold) | (conf >= eta[y])
-    z_graph = _apply(_semantic_graph(F, k), z)
+    graph = semantic_graph(F, k)
+    z_graph = _apply(graph, z)
     m = mask.to(z.dtype)[:, None]
     # official operation order: (0.8 A^Z + 0.2 Z)(1 - m) + (0.2 A^Z + 0.8 Z) m
     mixed = (0.8 * z_graph + 0.2 * z) * (1 - m) + (0.2 * z_graph + 0.8 * z) * m
-    return mixed.to(Z.dtype), y, mask
+    # (theta, d^-1/2) per node: the backward reuses them instead of repeating the top-k (its merge
+    # sorts are the costliest pass) and degree passes, 3 of the 5 similarity products per direction
+    return mixed.to(Z.dtype), y, mask, torch.stack((graph.aux, graph.dinv), dim=1)
 
 
-def graph_mix_backward(grad, F, mask, k):
+def graph_mix_backward(grad, F, mask, k, state):
     g = grad.float()
     l1, l2 = _mix_weights(mask, g.dtype)
-    return (_apply(_semantic_graph(F, k), l1 * g) + l2 * g).to(grad.dtype)
+    if state is None:
+        graph = semantic_graph(F, k)
+    else:
+        # the unit rows are recomputed by the same torch ops as in the forward, bit for bit, so the
+        # apply pass sees exactly the similarities its theta was taken from
+        graph = _Graph(_unit_rows(F), state[:, 0].contiguous(), state[:, 1].contiguous(), 0, _block(k), False)
+    return (_apply(graph, l1 * g) + l2 * g).to(grad.dtype)
+
+
+def _class_apply(logits, y, X, official_layout, h, w):
+    if official_layout:
+        return _apply(_official_class_graph(logits, y, h, w), X)
+    return ref.class_graph_lowrank(torch.softmax(logits.float(), dim=1), y, X.float())
 
 
 def class_propagate(logits, y, F, official_layout, h, w):
-    out = ref.class_graph_lowrank(torch.softmax(logits.float(), dim=1), y, F.float())
-    return out.to(F.dtype)
+    return _class_apply(logits, y, F, official_layout, h, w).to(F.dtype)
 
 
 def class_propagate_backward(grad, logits, y, official_layout, h, w):
     # Q^ is symmetric: the gradient is Q^ g
-    return ref.class_graph_lowrank(torch.softmax(logits.float(), dim=1), y, grad.float()).to(grad.dtype)
+    return _class_apply(logits, y, grad, official_layout, h, w).to(grad.dtype)
 
 
 def _small_k(Z, F, eta, k, *_):
     return k <= _MAX_K
 
 
-def _small_k_backward(grad, F, mask, k):
+def _small_k_backward(grad, F, mask, k, state):
     return k <= _MAX_K
-
-
-def _intended_mask(logits, y, F, official_layout, *_):
-    return not official_layout
-
-
-def _intended_mask_backward(grad, logits, y, official_layout, *_):
-    return not official_layout
 
 
 graph_mix.accepts = _small_k
 graph_mix_backward.accepts = _small_k_backward
-class_propagate.accepts = _intended_mask
-class_propagate_backward.accepts = _intended_mask_backward
+# class_propagate takes every input: the intended mask by its rank-C form, the official one streamed
 
 LAUNCHERS = {"graph_mix": graph_mix, "graph_mix_backward": graph_mix_backward,
              "class_propagate": class_propagate, "class_propagate_backward": class_propagate_backward}

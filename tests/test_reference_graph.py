@@ -10,6 +10,7 @@ from semiseg_fast.reference import (
     class_graph_lowrank,
     graph_propagate,
     graph_propagate_grad,
+    official_dense_layer,
     official_onehot,
     semantic_graph,
 )
@@ -225,3 +226,24 @@ def test_graph_propagate_gradcheck_z_branch():
     eta = torch.full((C,), 0.7, dtype=torch.float64)
     assert torch.autograd.gradcheck(
         lambda z: graph_propagate(z, F, eta, conv_z, conv_f, k=3, h=h, w=w)[0], (Z,))
+
+
+@pytest.mark.parametrize("official", [False, True])
+def test_official_dense_layer_equals_reference_layer(official):
+    # The benchmark's official-style baseline (full sort, diag_embed products, no mirrored Gram)
+    # must compute the reference's layer: outputs and both input gradients to float64 rounding
+    # (the two differ only in the order of a few roundings, ~1e-16 relative per entry).
+    h, w, C, D, k = 5, 7, 4, 6, 6
+    Z = (torch.randn(h * w, C, dtype=torch.float64) * 3).requires_grad_(True)
+    F = torch.randn(h * w, D, dtype=torch.float64).requires_grad_(True)
+    eta = torch.tensor([0.9, 0.5, 0.99, 0.0], dtype=torch.float64)
+    conv_z, conv_f = _convs(C, D)
+    gz, gf = torch.randn(h * w, C, dtype=torch.float64), torch.randn(h * w, D, dtype=torch.float64)
+    got, want = [], []
+    for layer, out in ((official_dense_layer, got), (graph_propagate, want)):
+        z_out, f_out = layer(Z, F, eta, conv_z, conv_f, k=k, official_layout=official, h=h, w=w)
+        out.extend((z_out, f_out, *torch.autograd.grad((z_out, f_out), (Z, F), (gz, gf))))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+    with pytest.raises(ValueError, match="k"):
+        official_dense_layer(Z[:5], F[:5], eta, conv_z, conv_f, k=6)

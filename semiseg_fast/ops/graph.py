@@ -14,16 +14,21 @@ A^ (semantic kNN graph of F), the confidence mask m, the labels y and Q^ are com
 gradient as in the official code. The backward ops use the reference's closed form
 :func:`semiseg_fast.reference.graph_propagate_grad` (dZ = A^(l1 g) + l2 g, dF = Q^ g; both graphs
 symmetric); each op owns one half of it. No N x N matrix crosses an op boundary, so the
-backward recomputes its graph from the saved inputs (the fused kernels will keep an O(N k)
-CSR instead). F gets its gradient through ``class_propagate`` only; Z'' feeds that op as a
-constant.
+backward recomputes its graph from the saved inputs (the fused kernels stream its tiles again
+from O(N) per-node data, kernels/graph.py). F gets its gradient through ``class_propagate``
+only; Z'' feeds that op as a constant. Under "auto" on CUDA both masks of the class graph run
+fused (the official one streamed, the intended one by its rank-C form); k > 64 runs the
+reference semantic graph.
 
 Precision: float32/float64 compute in their own dtype; bf16/fp16 compute in float32 and
 results and gradients come back in the input dtype.
 
 Kernel launcher signatures (``LAUNCHERS`` of kernels/graph.py):
-``graph_mix(Z, F, eta, k, threshold) -> (Z', y, m)``, ``graph_mix_backward(grad, F, mask, k) ->
-dZ``, ``class_propagate(logits, y, F, official_layout, h, w) -> F'``,
+``graph_mix(Z, F, eta, k, threshold) -> (Z', y, m, state)``, ``graph_mix_backward(grad, F, mask,
+k, state) -> dZ`` (state [N, 2] float32: the kernel's theta and d^-1/2, which its backward
+reuses; zeros from the reference, whose backward rebuilds the dense graph; the backward op
+takes state=None, then the kernel rebuilds its graph too),
+``class_propagate(logits, y, F, official_layout, h, w) -> F'``,
 ``class_propagate_backward(grad, logits, y, official_layout, h, w) -> dF``.
 """
 from collections.abc import Callable
@@ -51,7 +56,7 @@ def _f_grad(q_hat: Tensor, grad: Tensor) -> Tensor:
 
 
 def _reference_mix(Z: Tensor, F: Tensor, eta: Tensor, k: int,
-                   threshold: float) -> tuple[Tensor, Tensor, Tensor]:
+                   threshold: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     dt = d.compute_dtype(Z.dtype)
     z = Z.to(dt)
     # The reference layer's confidence rule: first maximum on ties, eta compared as given.
@@ -62,10 +67,13 @@ def _reference_mix(Z: Tensor, F: Tensor, eta: Tensor, k: int,
     m = mask.to(dt)[:, None]
     # Official operation order: (0.8 A^Z + 0.2 Z)(1 - m) + (0.2 A^Z + 0.8 Z) m.
     mixed = (0.8 * z_graph + 0.2 * z) * (1 - m) + (0.2 * z_graph + 0.8 * z) * m
-    return mixed.to(Z.dtype), y, mask
+    # The reference keeps no per-node graph state: its backward rebuilds the dense graph.
+    state = Z.new_zeros((Z.shape[0], 2), dtype=torch.float32)
+    return mixed.to(Z.dtype), y, mask, state
 
 
-def _reference_mix_backward(grad: Tensor, F: Tensor, mask: Tensor, k: int) -> Tensor:
+def _reference_mix_backward(grad: Tensor, F: Tensor, mask: Tensor, k: int,
+                            state: Tensor | None) -> Tensor:
     dt = d.compute_dtype(grad.dtype)
     a_hat = ref.semantic_graph(F.to(dt), k)
     return _z_grad(a_hat, mask, grad.to(dt)).to(grad.dtype)
@@ -93,7 +101,7 @@ def _reference_propagate_backward(grad: Tensor, logits: Tensor, y: Tensor,
 
 @torch.library.custom_op("semiseg::graph_mix", mutates_args=())
 def _mix_op(Z: Tensor, F: Tensor, eta: Tensor, k: int, threshold: float,
-            impl: str) -> tuple[Tensor, Tensor, Tensor]:
+            impl: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return _PATH.launch("graph_mix", impl, Z.device, _reference_mix, Z, F, eta, k, threshold)
 
 
@@ -101,32 +109,34 @@ def _mix_op(Z: Tensor, F: Tensor, eta: Tensor, k: int, threshold: float,
 def _(Z, F, eta, k, threshold, impl):
     n = Z.shape[0]
     return (Z.new_empty(Z.shape), Z.new_empty((n,), dtype=torch.int64),
-            Z.new_empty((n,), dtype=torch.bool))
+            Z.new_empty((n,), dtype=torch.bool), Z.new_empty((n, 2), dtype=torch.float32))
 
 
 @torch.library.custom_op("semiseg::graph_mix_backward", mutates_args=())
-def _mix_backward_op(grad: Tensor, F: Tensor, mask: Tensor, k: int, impl: str) -> Tensor:
+def _mix_backward_op(grad: Tensor, F: Tensor, mask: Tensor, k: int, impl: str,
+                     state: Tensor | None = None) -> Tensor:
     return _PATH.launch("graph_mix_backward", impl, grad.device, _reference_mix_backward,
-                        grad, F, mask, k)
+                        grad, F, mask, k, state)
 
 
 @_mix_backward_op.register_fake
-def _(grad, F, mask, k, impl):
+def _(grad, F, mask, k, impl, state=None):
     return grad.new_empty(grad.shape)
 
 
 def _mix_setup(ctx, inputs, output):
     _, F, _, k, _, impl = inputs
-    ctx.save_for_backward(F, output[2])
+    ctx.save_for_backward(F, output[2], output[3])
     ctx.config = (k, impl)
 
 
-def _mix_backward(ctx, grad_mixed, grad_y, grad_mask):
-    F, mask = ctx.saved_tensors
+def _mix_backward(ctx, grad_mixed, grad_y, grad_mask, grad_state):
+    F, mask, state = ctx.saved_tensors
     k, impl = ctx.config
     grad_z = None
     if ctx.needs_input_grad[0] and grad_mixed is not None:
-        grad_z = torch.ops.semiseg.graph_mix_backward(grad_mixed, F, mask, k, impl)
+        # same impl, device and k as the forward, so the state comes from the same implementation
+        grad_z = torch.ops.semiseg.graph_mix_backward(grad_mixed, F, mask, k, impl, state)
     return grad_z, None, None, None, None, None
 
 
@@ -220,7 +230,8 @@ def graph_mix(Z: Tensor, F: Tensor, eta: Tensor, k: int = 21, threshold: float =
         raise ValueError(f"k: expected 1 <= k <= N = {n} nodes, got {k}")
     threshold = d.check_real("threshold", threshold)
     mode = _PATH.resolve(impl, "graph_mix", "graph_mix_backward")
-    return torch.ops.semiseg.graph_mix(Z, F.detach(), eta.detach(), k, threshold, mode)
+    mixed, y, mask, _ = torch.ops.semiseg.graph_mix(Z, F.detach(), eta.detach(), k, threshold, mode)
+    return mixed, y, mask
 
 
 def class_propagate(logits: Tensor, y: Tensor, F: Tensor, official_layout: bool = False,

@@ -101,26 +101,27 @@ def class_graph(P2: Tensor, y: Tensor, official_layout: bool = False, h: int | N
 
 
 def class_graph_lowrank(P2: Tensor, y: Tensor, X: Tensor) -> Tensor:
-    """Q^ X for the intended (label-equality) mask in O(N C D), without any N x N matrix.
+    """Q^ X for the intended (label-equality) mask in O(N C^2 D), without any N x N matrix.
 
     P2 >= 0 makes the clamp inactive, so Q is block-diagonal with rank-C blocks:
     (Q^ X)_i = e_i P2^_i . sum_{j: y_j = y_i} P2^_j (e_j X_j)^T,
     e_i = (P2^_i . s_{y_i} + 1e-10)^-1/2 with s_c = sum_{j: y_j = c} P2^_j.
-    Differentiable in X; P2 and y carry no gradient. Equal to ``class_graph(P2, y) @ X`` up to
-    rounding (sums are regrouped).
+    With W [N, C*C], W_j = onehot(y_j) (x) P2^_j, both sums are GEMMs: blocks = W^T (e X) holds
+    the C per-class [C, D] matrices and Q^ X = e W blocks; the largest intermediate is W, C^2 per
+    node (a per-node gather of the blocks would be C D per node). Differentiable in X; P2 and y
+    carry no gradient. Equal to ``class_graph(P2, y) @ X`` up to rounding (sums are regrouped).
     """
     if P2.dim() != 2 or y.shape != P2.shape[:1] or X.dim() != 2 or X.shape[0] != P2.shape[0]:
         raise ValueError(f"P2, y, X: expected [N, C], [N], [N, D], got {tuple(P2.shape)}, "
                          f"{tuple(y.shape)}, {tuple(X.shape)}")
-    c = P2.shape[1]
+    n, c = P2.shape
     unit = _unit_rows(P2.detach())
-    y = y.long()
-    class_sums = unit.new_zeros(c, c).index_add_(0, y, unit)
-    e = torch.pow((unit * class_sums[y]).sum(dim=1) + 1e-10, -0.5)
-    scaled = e[:, None] * X
-    # blocks[c] = sum over nodes of class c of P2^_j (e_j X_j)^T, one [C, D] matrix per class.
-    blocks = X.new_zeros(c, c, X.shape[1]).index_add_(0, y, unit[:, :, None] * scaled[:, None, :])
-    return e[:, None] * torch.einsum("nc,ncd->nd", unit, blocks[y])
+    onehot = nnf.one_hot(y.long(), c).to(unit.dtype)
+    weights = (onehot[:, :, None] * unit[:, None, :]).reshape(n, c * c)
+    class_sums = weights.sum(dim=0)  # s_c, flattened [C * C]
+    e = torch.pow(weights @ class_sums + 1e-10, -0.5)
+    blocks = weights.T.to(X.dtype) @ (e[:, None] * X)
+    return e[:, None] * (weights.to(X.dtype) @ blocks)
 
 
 def _confidence_mask(Z: Tensor, eta: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
@@ -171,6 +172,52 @@ def graph_propagate(Z: Tensor, F: Tensor, eta: Tensor, conv_z: Conv, conv_f: Con
     return z_out, f_out
 
 
+def _official_normalise(adj: Tensor) -> Tensor:
+    # The official pair of dense diag_embed products, two N^3 GEMMs where (d_i d_j) A_ij suffices.
+    diag = torch.diag_embed(torch.pow(adj.sum(dim=1) + 1e-10, -0.5))
+    return diag @ adj @ diag
+
+
+def official_dense_layer(Z: Tensor, F: Tensor, eta: Tensor, conv_z: Conv, conv_f: Conv, k: int = 21,
+                         official_layout: bool = False, h: int | None = None, w: int | None = None,
+                         threshold: float = 0.95) -> tuple[Tensor, Tensor]:
+    """:func:`graph_propagate` computed the way the official ``G2Net.forward`` does, the baseline
+    the benchmarks compare with: a full descending sort of the N x N similarity (values and int64
+    indices) for theta, both graphs normalised by two dense ``diag_embed`` products (four N^3
+    GEMMs per layer), the official mask as a dense N x N x C product of the one-hot rows, no
+    mirrored Gram. Same arguments, the same math up to rounding (tested against it in float64);
+    memory and time grow as N^2 and N^3.
+    """
+    n, c = Z.shape
+    if not 1 <= k <= n:
+        raise ValueError(f"k: expected 1 <= k <= N = {n} nodes, got k={k}")
+    _check_layout(n, official_layout, h, w)
+    hh, ww = (n, 1) if h is None else (h, w)
+    with torch.no_grad():
+        mask, y = _confidence_mask(Z.detach(), eta, threshold)
+        m = mask.to(Z.dtype)[:, None]
+        unit = _unit_rows(F.detach())
+        sim = unit @ unit.T
+        sim = torch.where(sim < 0, torch.zeros_like(sim), sim)
+        ranked, _ = torch.sort(sim, dim=1, descending=True)  # the official code keeps the indices
+        kept = torch.where(sim >= ranked[:, k - 1 : k], sim, torch.zeros_like(sim))
+        a_hat = _official_normalise(kept + kept.T)
+    z_graph = a_hat @ Z
+    z_mixed = (0.8 * z_graph + 0.2 * Z) * (1 - m) + (0.2 * z_graph + 0.8 * Z) * m
+    z_out = _pointwise(conv_z, z_mixed, hh, ww)
+    with torch.no_grad():
+        p2 = _unit_rows(torch.softmax(z_out.detach(), dim=1))
+        q = p2 @ p2.T
+        q = torch.where(q < 0, torch.zeros_like(q), q)
+        if official_layout:
+            onehot = official_onehot(y, c, h, w).to(q.dtype)
+        else:
+            onehot = nnf.one_hot(y, c).to(q.dtype)
+        q = torch.where(onehot @ onehot.T != 0, q, torch.zeros_like(q))
+        q_hat = _official_normalise(q)
+    return z_out, _pointwise(conv_f, q_hat @ F, hh, ww)
+
+
 def graph_propagate_grad(a_hat: Tensor, q_hat: Tensor, mask: Tensor, grad_z_mixed: Tensor,
                          grad_f_graph: Tensor) -> tuple[Tensor, Tensor]:
     """Closed-form input gradients of the layer (spec 5b), given the graphs and the gradients
@@ -189,6 +236,7 @@ __all__ = [
     "class_graph_lowrank",
     "graph_propagate",
     "graph_propagate_grad",
+    "official_dense_layer",
     "official_onehot",
     "semantic_graph",
 ]
