@@ -14,16 +14,28 @@ several times gets the sum, bit-reproducibly when ``torch.use_deterministic_algo
 ``torch.cosine_similarity``; the closed-form gradient is exact while no norm is that small.
 
 ``class_bank_contrast`` (CTT HC / LC): program = a block of anchors against the whole bank
-[C * Q, D], streamed in column tiles through ``tl.dot`` (fp32, IEEE precision: the logits are
-cosines / 0.1 fed to exp, where TF32 rounding would show), never materialising the N x CQ logits
-the official code keeps three copies of. Pass 1 sums NEG_p = sum of e^{s/t} over the valid entries
-of the other classes; pass 2 the per-anchor loss (HC: over the Q positives of its class; LC: its one
-explicit positive). The backward adds pass 3, which accumulates sum_j coef_j g_j with a second
-``tl.dot`` (coef = dl/ds_j from the closed form of ops/contrast.py). Exp without max-subtraction as
-the official code (|s|/t <= 10). The per-class means are a few [C]-sized scatter ops in the
-launcher, on the device.
+[C * Q, D], streamed in column tiles through ``tl.dot`` on the tensor cores, never materialising
+the N x CQ logits the official code keeps three copies of; extra memory is O(N + C Q D). Inputs
+go to the dot as given: bf16/fp16 unit rows (fp32 accumulation); fp32 at IEEE or TF32 precision
+by ``precision`` ("auto" follows ``torch.get_float32_matmul_precision()``, see
+``resolve_precision``). Anchors are normalised in the kernel and visited in label order (one
+device sort), so a block holds one or two classes.
+Pass 1 keeps NEG_p = sum of e^{s/t} over the valid entries of the other classes as a running max
+m and a rescaled sum (online, as flash attention), so no exp can overflow whatever t is; pass 2
+takes the per-anchor loss in the log domain with the official eps terms kept exactly (see
+``_positive_terms``): HC over the positives of the block's classes only (~Q columns, not C Q),
+LC on the explicit positive. The backward recomputes passes 1-2 and adds pass 3, which
+accumulates sum_j coef_j g_j with a second ``tl.dot``; every negative's coefficient is one scalar
+per anchor times e^{b_j - m} (spec 5a's closed form), and the bf16/fp16 operand is that divided
+by the anchor's largest coefficient, in [0, 1] (what falls below fp16's range is < 6e-8 of the
+largest term), where the raw coefficients, all small when the loss is near 0, would flush to zero
+together. HC's positives (~Q columns) take their dot in fp32 (TF32/IEEE) in pass 2. The per-class means are a few [C]-sized
+scatter ops in the launcher, on the device.
 """
 from __future__ import annotations
+
+import math
+import os
 
 import torch
 import triton
@@ -129,116 +141,225 @@ def sampled_contrast_backward(grad, anchors, keys_pos, bank, anchor_idx, neg_idx
 
 # -- CTT dense class-bank contrast ----------------------------------------------------------------
 
-_BLOCK_P = 16
-_BLOCK_N = 32
+# (BLOCK_P anchors, BLOCK_N bank columns, warps, stages). The interpreter pays per program and per
+# op, so it keeps small tiles (several blocks even in small tests). On CUDA, 64 anchors is one
+# wgmma row block; with D = 256 in registers, ptxas (sm_90a, compiled here without a GPU) reports
+# 220 (fp32) / 173 (bf16) registers and no spill for the HC forward, and 255 registers with
+# spills elsewhere (LC forward 0.3 KB fp32; backward 2 KB HC, 4.5 KB LC; BLOCK_N 64 or
+# BLOCK_P 128 spill more): not yet timed or tuned on a GPU.
+_BANK_TILES = {"interpret": (16, 32, 4, 1), "fp32": (64, 32, 8, 2), "half": (64, 32, 8, 2)}
+PRECISIONS = ("auto", "ieee", "tf32")
 
 
 @triton.jit
-def _bank_tile(zh, g_ptr, gcls_ptr, gok_ptr, start, offs_d, d_ok, NCOL, D, BLOCK_N: tl.constexpr):
-    """Cosines of the anchor block with bank columns [start, start + BLOCK_N), with the columns'
-    classes and validity; returns (sim [P, N], g [N, D], class [N], valid [N])."""
+def _lse2(x, y):
+    """log(e^x + e^y) without overflow; -inf when both are -inf (never NaN)."""
+    hi = tl.maximum(x, y)
+    safe = tl.where(hi == float("-inf"), 0.0, hi)
+    return tl.where(hi == float("-inf"), hi, safe + tl.log(1.0 + tl.exp(tl.minimum(x, y) - safe)))
+
+
+@triton.jit
+def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    # UPCAST: the interpreter's bf16 tl.dot is wrong (DESIGN.md); bf16 x bf16 products are exact
+    # in fp32, so fp32 IEEE operands compute what the tensor cores compute (fp32 accumulation)
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _unit_rows(ptr, zrow, zmask):
+    """Rows at ``zrow`` in fp32 scaled to unit length (a zero row stays zero), and their norms."""
+    x = tl.load(ptr + zrow, mask=zmask, other=0.0).to(tl.float32)
+    norm = tl.sqrt(tl.sum(x * x, axis=1))
+    return x / tl.where(norm > 0, norm, 1.0)[:, None], norm
+
+
+@triton.jit
+def _bank_tile(zd, g_ptr, fill_ptr, start, offs_d, d_ok, NCOL, Q, D,
+               PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Cosines [P, N] of the anchor block with bank columns [start, start + BLOCK_N) (class-major,
+    Q per class), with the tile g [N, D], the columns' classes and their validity (slot < fill)."""
     offs_n = start + tl.arange(0, BLOCK_N)
     n_ok = offs_n < NCOL
     g = tl.load(g_ptr + offs_n.to(tl.int64)[:, None] * D + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :],
                 other=0.0)
-    gcls = tl.load(gcls_ptr + offs_n, mask=n_ok, other=-2)
-    gok = (tl.load(gok_ptr + offs_n, mask=n_ok, other=0) != 0) & n_ok
-    return tl.dot(zh, tl.trans(g), input_precision="ieee"), g, gcls, gok
+    gcls = offs_n // Q
+    gok = n_ok & (offs_n - gcls * Q < tl.load(fill_ptr + gcls, mask=n_ok, other=0))
+    return _dot(zd, tl.trans(g), PRECISION, UPCAST), g, gcls, gok
 
 
 @triton.jit
-def _bank_kernel(z_ptr, zn_ptr, lab_ptr, pos_ptr, g_ptr, gcls_ptr, gok_ptr, scale_ptr, loss_ptr, dz_ptr, dp_ptr,
-                 N, NCOL, D, inv_t, eps,
-                 LC: tl.constexpr, BACKWARD: tl.constexpr, POS_GRAD: tl.constexpr,
-                 BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+def _positive_terms(a, lne, log_eps):
+    """Loss and gradient factors of one positive of logit a = s+/t, in the shifted domain.
+
+    Official: r = e^a / (e^a + NEG + eps), l = -log(r + eps). Shifted by the negatives' max m
+    (numerator and denominator divided by e^m): r = e^{a-m} / (e^{a-m} + S + eps e^{-m}), the same
+    ratio, so the eps inside the ratio becomes eps e^{-m} and the outer eps is untouched (r is
+    shift-free). Computed in logs: with lne = log(NEG + eps)
+    (NEG = S e^m kept as m + log S, eps entering as log eps), log D = lse(a, lne) is log(e^a + NEG
+    + eps) exactly (log-sum-exp subtracts its own max), so log r = a - log D and l = -lse(log r,
+    log eps): the same value with no e^a, e^m or eps e^-m ever formed (eps e^-m would underflow
+    for a large m; e^a overflows fp32 beyond a = 88.7). Returns (l, r/(r+eps), log D, dl/da) with
+    r/(r+eps) = e^{log r + l} and dl/da = -(r/(r+eps)) (1 - r), 1 - r = e^{lne - log D}.
+    """
+    log_d = _lse2(a, lne)
+    log_r = a - log_d
+    loss = -_lse2(log_r, log_eps)
+    ratio = tl.exp(log_r + loss)
+    return loss, ratio, log_d, -ratio * tl.exp(lne - log_d)
+
+
+@triton.jit
+def _bank_kernel(z_ptr, order_ptr, lab_ptr, pos_ptr, g_ptr, fill_ptr, scale_ptr, loss_ptr, dz_ptr, dp_ptr,
+                 N, NCOL, Q, D, inv_t, log_eps,
+                 LC: tl.constexpr, BACKWARD: tl.constexpr, POS_GRAD: tl.constexpr, PRECISION: tl.constexpr,
+                 POS_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_D: tl.constexpr):
+    # anchors are visited in label order (``order``), so a block holds one or two classes and the
+    # HC positive passes cover only their columns; anchor rows are gathered through ``order``
+    offs = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_d = tl.arange(0, BLOCK_D)
-    p_ok = offs_p < N
+    p_ok = offs < N
     d_ok = offs_d < D
-    lab = tl.load(lab_ptr + offs_p, mask=p_ok, other=-1)
+    rows = tl.load(order_ptr + offs, mask=p_ok, other=0).to(tl.int64)
+    lab = tl.load(lab_ptr + rows, mask=p_ok, other=-1)
     anchor = p_ok & (lab >= 0)
-    zrow = offs_p.to(tl.int64)[:, None] * D + offs_d[None, :]
-    zh = tl.load(z_ptr + zrow, mask=p_ok[:, None] & d_ok[None, :], other=0.0)  # unit anchors
-
-    # pass 1: NEG_p over the valid entries of the other classes
-    neg = tl.zeros([BLOCK_P], dtype=tl.float32)
-    for start in range(0, NCOL, BLOCK_N):
-        sim, _, gcls, gok = _bank_tile(zh, g_ptr, gcls_ptr, gok_ptr, start, offs_d, d_ok, NCOL, D, BLOCK_N)
-        x = tl.exp(sim * inv_t)
-        is_neg = gok[None, :] & (gcls[None, :] != lab[:, None])
-        neg += tl.sum(tl.where(is_neg, x, 0.0), axis=1)
-
-    # pass 2: the loss of each anchor (HC: its class's positives; LC: its explicit positive)
-    loss = tl.zeros([BLOCK_P], dtype=tl.float32)
-    wsum = tl.zeros([BLOCK_P], dtype=tl.float32)  # HC: W_p = sum_k w_k x_k
-    if LC:
-        ph = tl.load(pos_ptr + zrow, mask=p_ok[:, None] & d_ok[None, :], other=0.0)
+    zrow = rows[:, None] * D + offs_d[None, :]
+    zmask = p_ok[:, None] & d_ok[None, :]
+    zh, zn = _unit_rows(z_ptr, zrow, zmask)
+    zd = zh.to(g_ptr.dtype.element_ty)  # the dot operand: fp32, or bf16/fp16 as the inputs
+    lo = tl.min(tl.where(anchor, lab, NCOL), axis=0) * Q  # columns of the block's classes
+    hi = (tl.max(tl.where(anchor, lab, -1), axis=0) + 1) * Q
+    ncol = tl.where(hi > 0, NCOL, 0)  # a block without anchors skips every pass
+    if LC:  # the positive's cosine first: its rows need not stay live through the loops
+        ph, pn = _unit_rows(pos_ptr, zrow, zmask)
         s_pos = tl.sum(zh * ph, axis=1)
-        x_pos = tl.exp(s_pos * inv_t)
-        den = x_pos + neg + eps
-        r = x_pos / den
-        loss = -tl.log(r + eps)
-        w_pos = 1.0 / ((r + eps) * den * den)
+
+    # pass 1: NEG_p = sum of e^{b} over the valid entries of the other classes, b = s / t, kept as
+    # (m, S) with NEG = S e^m and m the running max (online rescaling as in flash attention)
+    m = tl.full([BLOCK_P], float("-inf"), tl.float32)
+    s_sum = tl.zeros([BLOCK_P], dtype=tl.float32)
+    for start in range(0, ncol, BLOCK_N):
+        sim, _, gcls, gok = _bank_tile(zd, g_ptr, fill_ptr, start, offs_d, d_ok, NCOL, Q, D, PRECISION, UPCAST,
+                                       BLOCK_N)
+        b = tl.where(gok[None, :] & (gcls[None, :] != lab[:, None]), sim * inv_t, float("-inf"))
+        m_new = tl.maximum(m, tl.max(b, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s_sum = s_sum * tl.exp(m - m_safe) + tl.sum(tl.exp(b - m_safe[:, None]), axis=1)
+        m = m_new
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    log_neg = tl.where(s_sum > 0, m_safe + tl.log(tl.where(s_sum > 0, s_sum, 1.0)), float("-inf"))
+    lne = _lse2(log_neg, log_eps)  # log(NEG + eps); -inf only when both are 0
+
+    # pass 2: the loss (HC: over the positives of the anchor's class; LC: its explicit positive).
+    # w_neg = dl/dNEG e^m summed over the positives: every negative's coefficient is w_neg e^{b - m}.
+    loss = tl.zeros([BLOCK_P], dtype=tl.float32)
+    w_neg = tl.zeros([BLOCK_P], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)  # sum_j dl/da_j g_j (HC positives here)
+    b_acc = tl.zeros([BLOCK_P], dtype=tl.float32)  # sum_j dl/da_j s_j (the radial part)
+    p_max = tl.zeros([BLOCK_P], dtype=tl.float32)  # max_k |dl/da_k| over the positives
+    if LC:
+        loss, ratio, log_d, da_pos = _positive_terms(s_pos * inv_t, lne, log_eps)
+        w_neg = ratio * tl.exp(m - log_d)  # 0 without negatives (m = -inf)
     else:
-        for start in range(0, NCOL, BLOCK_N):
-            sim, _, gcls, gok = _bank_tile(zh, g_ptr, gcls_ptr, gok_ptr, start, offs_d, d_ok, NCOL, D, BLOCK_N)
-            x = tl.exp(sim * inv_t)
+        for start in range(lo, hi, BLOCK_N):
+            sim, g, gcls, gok = _bank_tile(zd, g_ptr, fill_ptr, start, offs_d, d_ok, NCOL, Q, D, PRECISION, UPCAST,
+                                           BLOCK_N)
             is_pos = gok[None, :] & (gcls[None, :] == lab[:, None])
-            den = x + neg[:, None] + eps
-            r = x / den
-            loss += tl.sum(tl.where(is_pos, -tl.log(r + eps), 0.0), axis=1)
-            wsum += tl.sum(tl.where(is_pos, x / ((r + eps) * den * den), 0.0), axis=1)
+            l_k, ratio, log_d, da = _positive_terms(sim * inv_t, lne[:, None], log_eps)
+            loss += tl.sum(tl.where(is_pos, l_k, 0.0), axis=1)
+            w_neg += tl.sum(tl.where(is_pos, ratio * tl.exp(m[:, None] - log_d), 0.0), axis=1)
+            if BACKWARD:
+                # fp32 coefficients (|dl/da| <= 1 may be far below fp16's range): a TF32/IEEE dot
+                # over ~Q columns, next to the bf16/fp16 dot over all C Q negatives in pass 3
+                coef = tl.where(is_pos, da, 0.0)
+                acc += _dot(coef, g.to(tl.float32), POS_PRECISION, False)
+                b_acc += tl.sum(coef * sim, axis=1)
+                p_max = tl.maximum(p_max, tl.max(-coef, axis=1))
 
     if not BACKWARD:
-        tl.store(loss_ptr + offs_p, tl.where(anchor, loss, 0.0), mask=p_ok)
+        tl.store(loss_ptr + rows, tl.where(anchor, loss, 0.0), mask=p_ok)
     else:
-        scale = tl.where(anchor, tl.load(scale_ptr + offs_p, mask=p_ok, other=0.0), 0.0)
+        # pass 3: negatives, coefficient w_neg e^{b - m}. One accumulator (registers: D = 256 fp32
+        # columns per anchor) in units of f = max(w_neg, p_max), the size of the largest
+        # coefficient: the dot operand (w_neg / f) e^{b - m} lies in [0, 1] and what of it flushes
+        # to zero in fp16 is < 6e-8 of the largest term; |acc / f| <= Q cannot overflow
+        f = tl.maximum(w_neg, p_max)
+        f = tl.where(f > 0, f, 1.0)
+        w_rel = w_neg / f
+        acc = acc / f[:, None]
+        b_acc = b_acc / f
+        for start in range(0, ncol, BLOCK_N):
+            sim, g, gcls, gok = _bank_tile(zd, g_ptr, fill_ptr, start, offs_d, d_ok, NCOL, Q, D, PRECISION, UPCAST,
+                                           BLOCK_N)
+            is_neg = gok[None, :] & (gcls[None, :] != lab[:, None])
+            e = tl.where(is_neg, w_rel[:, None] * tl.exp(sim * inv_t - m_safe[:, None]), 0.0)
+            acc += _dot(e.to(g.dtype), g, PRECISION, UPCAST)
+            b_acc += tl.sum(e * sim, axis=1)
+        acc = acc * f[:, None]
+        b_acc = b_acc * f
+        scale = tl.where(anchor, tl.load(scale_ptr + rows, mask=p_ok, other=0.0), 0.0) * inv_t
+        # reloaded rather than kept live through the loops, where acc needs the registers; the
+        # epilogue folds row scalars first so that at most three [P, D] blocks are live
+        # d cos(z, g^) / dz = (g^ - cos z^) / |z|, times dl/ds = inv_t dl/da (inv_t is in scale)
+        zh, zn = _unit_rows(z_ptr, zrow, zmask)
+        radial = b_acc
         if LC:
-            wsum = w_pos * x_pos
-        # pass 3: A = sum_j coef_j g_j and B = sum_j coef_j s_j over all columns
-        acc = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
-        b_acc = tl.zeros([BLOCK_P], dtype=tl.float32)
-        for start in range(0, NCOL, BLOCK_N):
-            sim, g, gcls, gok = _bank_tile(zh, g_ptr, gcls_ptr, gok_ptr, start, offs_d, d_ok, NCOL, D, BLOCK_N)
-            x = tl.exp(sim * inv_t)
-            same = gcls[None, :] == lab[:, None]
-            coef = tl.where(gok[None, :] & ~same, wsum[:, None] * x * inv_t, 0.0)
-            if not LC:
-                den = x + neg[:, None] + eps
-                r = x / den
-                w = 1.0 / ((r + eps) * den * den)
-                coef += tl.where(gok[None, :] & same, -w * (neg[:, None] + eps) * x * inv_t, 0.0)
-            acc += tl.dot(coef, g, input_precision="ieee")
-            b_acc += tl.sum(coef * sim, axis=1)
-        zn = tl.load(zn_ptr + offs_p, mask=p_ok, other=1.0)
-        dz = (acc - b_acc[:, None] * zh) / zn[:, None]
+            radial += da_pos * s_pos
+        dz = acc - radial[:, None] * zh
         if LC:
-            c_pos = -w_pos * (neg + eps) * x_pos * inv_t
-            dz += (c_pos[:, None] * (ph - s_pos[:, None] * zh)) / zn[:, None]
+            ph, pn = _unit_rows(pos_ptr, zrow, zmask)
+            dz += da_pos[:, None] * ph
+        inv_zn = tl.where(zn > 0, 1.0 / tl.where(zn > 0, zn, 1.0), 0.0)
+        tl.store(dz_ptr + zrow, dz * (scale * inv_zn)[:, None], mask=zmask)
+        if LC:
             if POS_GRAD:
-                pn = tl.load(zn_ptr + N + offs_p, mask=p_ok, other=1.0)
-                dp = (c_pos[:, None] * (zh - s_pos[:, None] * ph)) / pn[:, None]
-                tl.store(dp_ptr + zrow, dp * scale[:, None], mask=p_ok[:, None] & d_ok[None, :])
-        tl.store(dz_ptr + zrow, dz * scale[:, None], mask=p_ok[:, None] & d_ok[None, :])
+                inv_pn = tl.where(pn > 0, 1.0 / tl.where(pn > 0, pn, 1.0), 0.0)
+                dp = (zh - s_pos[:, None] * ph) * (da_pos * inv_pn * scale)[:, None]
+                tl.store(dp_ptr + zrow, dp, mask=zmask)
 
 
-def _unit(x):
-    norm = x.float().norm(dim=-1, keepdim=True)
-    return torch.where(norm > 0, x.float() / norm, 0.0), norm.squeeze(-1)
+def resolve_precision(precision: str, dtype: torch.dtype) -> str:
+    """``tl.dot`` input precision for bank dtype ``dtype`` under the op's ``precision`` argument.
+
+    bf16/fp16 go to the tensor cores as given (fp32 accumulation). fp32: "ieee" or "tf32" as
+    asked; "auto" follows PyTorch's own switch for fp32 matmuls, read at each launch:
+    ``torch.get_float32_matmul_precision()`` "highest" (the default, also what
+    ``allow_tf32 = False`` sets) -> IEEE, "high"/"medium" -> TF32.
+    Why: the logits are cos / t fed to exp, so TF32's 2^-11 rounding of the unit rows moves a
+    logit by up to ~2^-10 / t (1e-2 at t = 0.1), which is why IEEE stays the default; a user who
+    opted into TF32 for the model's matmuls expects it here too, and the reference then runs its
+    matmuls in TF32 as well, so A/B comparisons stay like for like.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
+    if dtype != torch.float32:
+        return "tf32"  # ignored by tl.dot for 16-bit operands; the default there
+    if precision == "auto":
+        return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    return precision
 
 
-def _bank_launch(z, labels, bank, positive, fill, mode, temperature, eps, grad=None, positive_grad=False):
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _bank_launch(z, labels, bank, positive, fill, mode, temperature, eps, precision, grad=None,
+                 positive_grad=False):
     n, d = z.shape
     c, q = bank.shape[:2]
     device = z.device
     lc = mode == "lc"
-    zh, zn = _unit(z)
-    g, _ = _unit(bank.reshape(c * q, d))
-    gcls = torch.arange(c, device=device).repeat_interleave(q)
-    counts = torch.full((c,), q, dtype=torch.int64, device=device) if fill is None else fill.long()
-    gok = (torch.arange(q, device=device).repeat(c) < counts.repeat_interleave(q)).to(torch.uint8)
+    half = z.dtype in (torch.float16, torch.bfloat16)
+    dot_precision = resolve_precision(precision, z.dtype)
+    # unit bank rows, rounded once to the dot dtype (O(C Q D), the size of the bank itself)
+    gf = bank.reshape(c * q, d).float()
+    gn = gf.norm(dim=1, keepdim=True)
+    g = torch.where(gn > 0, gf / gn, 0.0).to(z.dtype if half else torch.float32)
+    counts = torch.full((c,), q, dtype=torch.int32, device=device) if fill is None else fill.to(torch.int32)
     lab = labels.long()
-    ph, pn = _unit(positive) if lc else (zh, zn)
     # per-class anchor counts and which classes count in the mean (HC: a non-empty bank too)
     is_anchor = (lab >= 0) & (lab < c)
     per_class = torch.zeros(c + 1, dtype=torch.int64, device=device).index_add_(
@@ -249,17 +370,21 @@ def _bank_launch(z, labels, bank, positive, fill, mode, temperature, eps, grad=N
     weight_c = torch.where(counted, 1.0 / (denom.clamp(min=1) * n_counted), 0.0)  # [C]
     weight_p = torch.where(is_anchor, weight_c.index_select(0, lab.clamp(0, c - 1)), 0.0)
     lab32 = torch.where(is_anchor, lab, -1).to(torch.int32)
+    order = torch.sort(lab32).indices.to(torch.int32) if n < 2**31 else torch.sort(lab32).indices
     backward = grad is not None
     loss = torch.empty(n, dtype=torch.float32, device=device)
     dz = torch.empty((n, d), dtype=torch.float32, device=device) if backward else loss
     dp = torch.empty((n, d), dtype=torch.float32, device=device) if backward and positive_grad else dz
     scale = (weight_p * grad.float()).contiguous() if backward else loss
-    norms = torch.cat((zn, pn)).contiguous()
     if n:
-        _bank_kernel[(triton.cdiv(n, _BLOCK_P),)](
-            zh, norms, lab32, ph, g, gcls, gok, scale, loss, dz, dp, n, c * q, d, 1.0 / float(temperature),
-            float(eps), LC=lc, BACKWARD=backward, POS_GRAD=bool(positive_grad), BLOCK_P=_BLOCK_P,
-            BLOCK_N=_BLOCK_N, BLOCK_D=max(16, triton.next_power_of_2(d)))  # tl.dot needs K >= 16
+        key = "interpret" if _interpreting() else ("half" if half else "fp32")
+        block_p, block_n, warps, stages = _BANK_TILES[key]
+        _bank_kernel[(triton.cdiv(n, block_p),)](
+            z, order, lab32, positive if lc else z, g, counts, scale, loss, dz, dp, n, c * q, q, d,
+            1.0 / float(temperature), math.log(eps) if eps > 0 else float("-inf"),
+            LC=lc, BACKWARD=backward, POS_GRAD=bool(positive_grad), PRECISION=dot_precision,
+            POS_PRECISION="ieee" if dot_precision == "ieee" else "tf32", UPCAST=half and z.dtype == torch.bfloat16 and _interpreting(), BLOCK_P=block_p, BLOCK_N=block_n,
+            BLOCK_D=max(16, triton.next_power_of_2(d)), num_warps=warps, num_stages=stages)  # tl.dot: K >= 16
     if backward:
         out = [dz.to(z.dtype)]
         if positive_grad:
@@ -270,14 +395,24 @@ def _bank_launch(z, labels, bank, positive, fill, mode, temperature, eps, grad=N
     return (loss * weight_p).sum().to(z.dtype)
 
 
-def class_bank_contrast(z, labels, bank, positive, fill, mode, temperature, eps):
-    return _bank_launch(z, labels, bank, positive, fill, mode, temperature, eps)
+def class_bank_contrast(z, labels, bank, positive, fill, mode, temperature, eps, precision):
+    return _bank_launch(z, labels, bank, positive, fill, mode, temperature, eps, precision)
 
 
-def class_bank_contrast_backward(grad, z, labels, bank, positive, fill, mode, temperature, eps, positive_grad):
-    return _bank_launch(z, labels, bank, positive, fill, mode, temperature, eps, grad=grad,
+def class_bank_contrast_backward(grad, z, labels, bank, positive, fill, mode, temperature, eps, precision,
+                                 positive_grad):
+    return _bank_launch(z, labels, bank, positive, fill, mode, temperature, eps, precision, grad=grad,
                         positive_grad=positive_grad)
 
+
+def _bank_accepts(*args) -> bool:
+    # float64 runs the reference: the kernel computes in fp32 at best
+    z = args[1] if isinstance(args[0], torch.Tensor) and args[0].dim() == 0 else args[0]
+    return z.dtype != torch.float64
+
+
+class_bank_contrast.accepts = _bank_accepts
+class_bank_contrast_backward.accepts = _bank_accepts
 
 LAUNCHERS = {"sampled_contrast": sampled_contrast, "sampled_contrast_backward": sampled_contrast_backward,
              "class_bank_contrast": class_bank_contrast, "class_bank_contrast_backward": class_bank_contrast_backward}

@@ -26,16 +26,20 @@ Index ranges (``anchor_idx`` < N, ``neg_idx`` < Q, ``labels`` < C, ``fill`` <= Q
 data, so the Python entries do not check them: the reference raises ValueError naming the
 argument; the fused kernels (no host sync) will not check them.
 
-Precision: float32/float64 compute in their own dtype; bf16/fp16 compute in float32 (which also
-keeps CTT's exp without max-subtraction from overflowing fp16 sums) and the loss and gradients
-come back in the input dtype.
+Precision. References: float32/float64 compute in their own dtype, bf16/fp16 in float32 (CTT's
+reference keeps the official exp without max-subtraction). Kernels: the sampled loss gathers and
+reduces in float32; the class-bank loss feeds bf16/fp16 unit rows to the tensor cores as given
+and float32 ones at IEEE or TF32 precision (``precision``), accumulates in float32 and
+max-subtracts every exp, so no temperature overflows it. The loss and gradients come back in the
+input dtype.
 
 Kernel launcher signatures (``LAUNCHERS`` of kernels/contrast.py):
 ``sampled_contrast(anchors, keys_pos, bank, anchor_idx, neg_idx, temperature, active) -> sum``,
 ``sampled_contrast_backward(grad, anchors, keys_pos, bank, anchor_idx, neg_idx, temperature,
 active) -> d_anchors``, ``class_bank_contrast(z, labels, bank, positive, fill, mode,
-temperature, eps) -> loss``, ``class_bank_contrast_backward(grad, z, labels, bank, positive,
-fill, mode, temperature, eps, positive_grad) -> [dz] or [dz, d_positive]``.
+temperature, eps, precision) -> loss``, ``class_bank_contrast_backward(grad, z, labels, bank,
+positive, fill, mode, temperature, eps, precision, positive_grad) -> [dz] or [dz, d_positive]``
+(``precision`` "auto"/"ieee"/"tf32"; the references ignore it).
 """
 from collections.abc import Sequence
 
@@ -48,6 +52,7 @@ from . import _dispatch as d
 _PATH = d.HotPath("contrast")
 _MODES = ("hc", "lc")
 _DEFAULT_TEMPERATURE = {"hc": 0.1, "lc": 0.5}
+_PRECISIONS = ("auto", "ieee", "tf32")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -191,7 +196,7 @@ def _bank_loss(z: Tensor, labels: Tensor, bank: Tensor, positive: Tensor | None,
 
 def _reference_bank(z: Tensor, labels: Tensor, bank: Tensor, positive: Tensor | None,
                     fill: Tensor | None, mode: str, temperature: float,
-                    eps: float) -> Tensor:
+                    eps: float, precision: str) -> Tensor:
     dt = d.compute_dtype(z.dtype)
     positive = None if positive is None else positive.to(dt)
     loss = _bank_loss(z.to(dt), labels, bank.to(dt), positive, fill, mode, temperature, eps)
@@ -267,7 +272,7 @@ def _lc_backward(grad: Tensor, z: Tensor, labels: Tensor, bank: Tensor, positive
 
 def _reference_bank_backward(grad: Tensor, z: Tensor, labels: Tensor, bank: Tensor,
                              positive: Tensor | None, fill: Tensor | None, mode: str,
-                             temperature: float, eps: float,
+                             temperature: float, eps: float, precision: str,
                              positive_grad: bool) -> list[Tensor]:
     dt = d.compute_dtype(z.dtype)
     z_c, bank_c, grad_c = z.to(dt), bank.to(dt), grad.to(dt)
@@ -284,13 +289,13 @@ def _reference_bank_backward(grad: Tensor, z: Tensor, labels: Tensor, bank: Tens
 @torch.library.custom_op("semiseg::class_bank_contrast", mutates_args=())
 def _bank_op(z: Tensor, labels: Tensor, bank: Tensor, positive: Tensor | None,
              fill: Tensor | None, mode: str, temperature: float, eps: float,
-             impl: str) -> Tensor:
+             impl: str, precision: str = "auto") -> Tensor:
     return _PATH.launch("class_bank_contrast", impl, z.device, _reference_bank,
-                        z, labels, bank, positive, fill, mode, temperature, eps)
+                        z, labels, bank, positive, fill, mode, temperature, eps, precision)
 
 
 @_bank_op.register_fake
-def _(z, labels, bank, positive, fill, mode, temperature, eps, impl):
+def _(z, labels, bank, positive, fill, mode, temperature, eps, impl, precision="auto"):
     return z.new_empty(())
 
 
@@ -298,14 +303,15 @@ def _(z, labels, bank, positive, fill, mode, temperature, eps, impl):
 def _bank_backward_op(grad: Tensor, z: Tensor, labels: Tensor, bank: Tensor,
                       positive: Tensor | None, fill: Tensor | None, mode: str,
                       temperature: float, eps: float, positive_grad: bool,
-                      impl: str) -> list[Tensor]:
+                      impl: str, precision: str = "auto") -> list[Tensor]:
     return _PATH.launch("class_bank_contrast_backward", impl, z.device,
                         _reference_bank_backward, grad, z, labels, bank, positive, fill, mode,
-                        temperature, eps, positive_grad)
+                        temperature, eps, precision, positive_grad)
 
 
 @_bank_backward_op.register_fake
-def _(grad, z, labels, bank, positive, fill, mode, temperature, eps, positive_grad, impl):
+def _(grad, z, labels, bank, positive, fill, mode, temperature, eps, positive_grad, impl,
+      precision="auto"):
     grads = [z.new_empty(z.shape)]
     if positive_grad:
         grads.append(positive.new_empty(positive.shape))
@@ -313,23 +319,24 @@ def _(grad, z, labels, bank, positive, fill, mode, temperature, eps, positive_gr
 
 
 def _bank_setup(ctx, inputs, output):
-    z, labels, bank, positive, fill, mode, temperature, eps, impl = inputs
+    z, labels, bank, positive, fill, mode, temperature, eps, impl, precision = inputs
     ctx.save_for_backward(z, labels, bank, positive, fill)
-    ctx.config = (mode, temperature, eps, impl)
+    ctx.config = (mode, temperature, eps, precision, impl)
 
 
 def _bank_backward(ctx, grad):
     z, labels, bank, positive, fill = ctx.saved_tensors
-    mode, temperature, eps, impl = ctx.config
+    mode, temperature, eps, precision, impl = ctx.config
     positive_grad = positive is not None and ctx.needs_input_grad[3]
     grad_z = grad_positive = None
     if ctx.needs_input_grad[0] or positive_grad:
         grads = torch.ops.semiseg.class_bank_contrast_backward(
-            grad, z, labels, bank, positive, fill, mode, temperature, eps, positive_grad, impl)
+            grad, z, labels, bank, positive, fill, mode, temperature, eps, positive_grad, impl,
+            precision)
         grad_z = grads[0]
         if positive_grad:
             grad_positive = grads[1]
-    return grad_z, None, None, grad_positive, None, None, None, None, None
+    return grad_z, None, None, grad_positive, None, None, None, None, None, None
 
 
 _bank_op.register_autograd(_bank_backward, setup_context=_bank_setup)
@@ -339,7 +346,8 @@ def class_bank_contrast(z: Tensor, labels: Tensor, bank: Tensor, mode: str = "hc
                         positive: Tensor | None = None,
                         temperature: float | None = None, eps: float = 1e-12,
                         fill: Tensor | Sequence[int] | None = None,
-                        detach_positive: bool = True, impl: str | None = None) -> Tensor:
+                        detach_positive: bool = True, precision: str | None = None,
+                        impl: str | None = None) -> Tensor:
     """CTT loss of anchors ``z`` [N, D] against per-class banks ``bank`` [C, Q, D] (spec 5a).
 
     mode "hc": every positive of the anchor's class bank against the other classes' entries
@@ -348,6 +356,12 @@ def class_bank_contrast(z: Tensor, labels: Tensor, bank: Tensor, mode: str = "hc
     of a [C, 2Q, D] bank (temperature default 0.5). labels int [N], negative = not an anchor;
     fill [C] = valid leading entries per class (default all). Semantics, eps terms and the
     empty cases (no counted class gives 0) are the reference's.
+
+    ``precision`` (fused kernel only) sets the matmul precision of float32 inputs: "ieee",
+    "tf32", or None = "auto", which follows ``torch.get_float32_matmul_precision()`` at each
+    launch ("highest", PyTorch's default, -> IEEE; "high"/"medium" -> TF32), the switch that
+    also decides a float32 ``z @ bank.T`` in PyTorch. bf16/fp16 always run on the tensor cores
+    as given, with fp32 accumulation; float64 runs the reference.
     """
     mode = d.check_choice("mode", mode, _MODES)
     d.check_float("z", z, "[N, D]", 2)
@@ -379,9 +393,11 @@ def class_bank_contrast(z: Tensor, labels: Tensor, bank: Tensor, mode: str = "hc
         d.check_like("fill", fill, "z", z, dtype=False)
         d.check_dtype("fill", fill, d.INDEX_DTYPES)
         d.check_shape("fill", fill, (c,), "[C]")
+    precision = d.check_choice("precision", "auto" if precision is None else precision,
+                               _PRECISIONS)
     impl_mode = _PATH.resolve(impl, "class_bank_contrast", "class_bank_contrast_backward")
     return torch.ops.semiseg.class_bank_contrast(z, labels, bank.detach(), positive, fill, mode,
-                                                 temperature, eps, impl_mode)
+                                                 temperature, eps, impl_mode, precision)
 
 
 __all__ = ["class_bank_contrast", "sampled_contrast"]
