@@ -5,7 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-from semiseg_fast.reference import class_rank, entropy, percentile, rank_mask
+from semiseg_fast.reference import (
+    class_rank,
+    entropy,
+    percentile,
+    rank_mask,
+    teacher_stats,
+)
 
 
 def _bits(x):
@@ -163,3 +169,47 @@ def test_rank_and_masks_with_ties():
 def test_rank_mask_validates_ranks():
     with pytest.raises(ValueError, match="low_rank"):
         rank_mask(torch.rand(1, 4, 2, 2), low_rank=5, high_rank=3)
+
+
+def _bilinear_align_corners(x, out_h, out_w):
+    """[C, h, w] -> [C, out_h, out_w] by explicit loops: source = dst (in - 1) / (out - 1)."""
+    C, h, w = x.shape
+    out = torch.empty(C, out_h, out_w, dtype=x.dtype)
+    for i in range(out_h):
+        sy = i * (h - 1) / (out_h - 1) if out_h > 1 else 0.0
+        y0 = math.floor(sy)
+        y1, ty = min(y0 + 1, h - 1), sy - y0
+        for j in range(out_w):
+            sx = j * (w - 1) / (out_w - 1) if out_w > 1 else 0.0
+            x0 = math.floor(sx)
+            x1, tx = min(x0 + 1, w - 1), sx - x0
+            out[:, i, j] = ((1 - ty) * ((1 - tx) * x[:, y0, x0] + tx * x[:, y0, x1])
+                            + ty * ((1 - tx) * x[:, y1, x0] + tx * x[:, y1, x1]))
+    return out
+
+
+def test_teacher_stats_is_u2pl_written_out():
+    logits = torch.randn(3, 4, 3, 5, dtype=torch.float64) * 3
+    logits[2, 1] = logits[2, 3] = 5.0  # a tied maximum everywhere in image 2: the lower class wins
+    got = teacher_stats(logits, (7, 4), first_image=1, low_rank=1, high_rank=3)
+    for b in (1, 2):
+        up = _bilinear_align_corners(logits[b], 7, 4)
+        p = torch.softmax(up, 0)
+        want = -(p * torch.log(p + 1e-10)).sum(0)
+        assert torch.allclose(got["entropy"][b - 1], want, rtol=1e-12, atol=1e-14)
+        assert torch.allclose(got["max_prob"][b - 1], p.max(0).values, rtol=1e-12, atol=0)
+        # arg-max by a Python scan for the first maximum
+        for i in range(7):
+            for j in range(4):
+                col = up[:, i, j].tolist()
+                assert got["argmax"][b - 1, i, j].item() == col.index(max(col))
+    assert (got["argmax"][1] == 1).all()
+    assert torch.equal(got["prob"], torch.softmax(logits, 1))
+    rank = _brute_rank(got["prob"])
+    assert torch.equal(got["unlabeled"], (rank >= 1) & (rank < 3)) and torch.equal(got["labeled"], rank < 1)
+    same = teacher_stats(logits, outputs=("entropy", "argmax"))
+    assert set(same) == {"entropy", "argmax"} and torch.equal(same["entropy"], entropy(logits))
+    with pytest.raises(ValueError, match="outputs"):
+        teacher_stats(logits, outputs=("entropy", "logits"))
+    with pytest.raises(ValueError, match="logits"):
+        teacher_stats(logits[0])

@@ -5,8 +5,9 @@ Per iteration (after a supervised-only burn-in of ``u2pl_sup_only`` of the run):
 
 1. the EMA teacher, in eval mode, labels the weak unlabeled view (arg-max); U2PL's CutMix (one coin
    for the batch, box of area HW/2 from image (i + 1) mod B) mixes images and labels;
-2. a second no-grad teacher pass, in train mode, on [labeled; mixed] gives the class probabilities,
-   the teacher representation (1/4) and, up-sampled, the entropy H of every unlabeled pixel; one
+2. a second no-grad teacher pass, in train mode, on [labeled; mixed] gives the class probabilities
+   and rank masks, the teacher representation (1/4) and, up-sampled, the entropy H of every
+   unlabeled pixel (``ops.teacher_stats``: one read of the 1/4 logits); one
    selection gives three percentiles of H over the non-ignored pixels: T_u (q = 100 - 20 (1 - t)),
    low (alpha_t = 20 (1 - t)) and high (100 - alpha_t), t = the fraction of the run done;
 3. L_u = CE on the pixels with H < T_u, weighted by (pixels / kept pixels) as the official code;
@@ -127,22 +128,26 @@ class U2PL(Method):
         x_l, y_l, x_u = batch["x_l"], batch["y_l"], batch["x_u"]
         n_l, size = x_l.shape[0], y_l.shape[-2:]
         with nvtx_range("teacher"):
-            pl = upsample(self.teacher(x_u)["logits"], size).argmax(1)
+            # arg-max of the up-sampled logits, up-sampled in the kernel (never stored at crop size)
+            pl = ops.teacher_stats(self.teacher(x_u)["logits"], size, entropy=False, max_prob=False).argmax
             pl = torch.where(batch["pad_u"], IGNORE, pl)
             box = u2pl_cutmix_mask(x_u.shape[0], *size, p=CUTMIX_P, generator=generator)
             x_mix, pl_mix = u2pl_cutmix([x_u, pl], box)
             self.teacher.train()  # batch statistics, as the official second pass
             out_t = self.teacher(torch.cat((x_l, x_mix)))
             self.teacher.eval()
-        logits_t, rep_t = out_t["logits"].float(), to_rows(out_t["rep"].float())
+        logits_t, rep_t = out_t["logits"], to_rows(out_t["rep"].float())  # the fused pass reads bf16 as is
         grid = logits_t.shape[-2:]
 
         with nvtx_range("pseudo_labels"):
             t = self.step / cfg.iters
             alpha = ALPHA0 * (1 - t)
             valid_u = pl_mix != IGNORE
-            ent, (t_drop, t_low, t_high) = ops.entropy_percentile(
-                upsample(logits_t[n_l:], size), [100 - DROP * (1 - t), alpha, 100 - alpha], valid_u)
+            # one pass: entropy of the mixed images at crop size, softmax and rank bits of all at 1/4
+            stats = ops.teacher_stats(logits_t, size, first_image=n_l, max_prob=False, argmax=False,
+                                      prob=True, rank=True, low_rank=LOW_RANK, high_rank=HIGH_RANK)
+            ent = stats.entropy
+            t_drop, t_low, t_high = ops.percentile(ent, [100 - DROP * (1 - t), alpha, 100 - alpha], valid_u)
             batch["x_mix"] = x_mix
             batch["target_u"] = torch.where(ent >= t_drop, IGNORE, pl_mix)
 
@@ -151,8 +156,7 @@ class U2PL(Method):
             labeled_ok = y_l != IGNORE
             low = downsample_nearest(torch.cat((labeled_ok, (ent <= t_low) & valid_u)), grid).reshape(-1)
             high = downsample_nearest(torch.cat((labeled_ok, (ent >= t_high) & valid_u)), grid).reshape(-1)
-            prob = logits_t.softmax(1)
-            prob_rows = to_rows(prob)
+            prob_rows = to_rows(stats.prob)
             classes = torch.arange(self.num_classes, device=labels.device)
             onehot = labels.unsqueeze(1) == classes  # [N, C]; ignored pixels match no class
             is_labeled = (torch.arange(labels.numel(), device=labels.device) < n_l * grid[0] * grid[1]).unsqueeze(1)
@@ -163,7 +167,7 @@ class U2PL(Method):
             present = low_valid.any(0)
             num_valid = present.sum()
 
-            rank_u, rank_l = (to_rows(r) for r in ops.rank_mask(prob, LOW_RANK, HIGH_RANK))
+            rank_u, rank_l = to_rows(stats.unlabeled), to_rows(stats.labeled)
             negative = negative_mask(labels, is_labeled, rank_l, rank_u, self.num_classes, cfg.u2pl_official_q2)
             negative = negative & high.unsqueeze(1) & (prob_rows < NEG_PROB)
             # class by class, pixels in raster order: the official enqueue order. The bank writes

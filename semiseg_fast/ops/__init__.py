@@ -24,12 +24,19 @@ references everywhere and "triton" raises NotImplementedError naming the op.
 """
 from ._dispatch import IMPLS, register_kernel, requested_mode, use_impl
 from .contrast import class_bank_contrast, sampled_contrast
-from .entropy_percentile import entropy_percentile, percentile, rank_mask
+from .entropy_percentile import (
+    TeacherStats,
+    entropy_percentile,
+    percentile,
+    rank_mask,
+    teacher_stats,
+)
 from .graph import class_propagate, graph_mix, graph_propagate
 from .spatial_kl import spatial_kl
 
 __all__ = [
     "IMPLS",
+    "TeacherStats",
     "class_bank_contrast",
     "class_propagate",
     "entropy_percentile",
@@ -41,5 +48,6 @@ __all__ = [
     "requested_mode",
     "sampled_contrast",
     "spatial_kl",
+    "teacher_stats",
     "use_impl",
 ]

@@ -20,13 +20,28 @@ for bf16/fp16 logits (float64 for float64): the thresholds are order statistics 
 entropy map it returns, so ``H >= T`` selects what the reference selects, and a bf16 entropy
 would collapse into ties. This is the dtype U2PL itself computes them in.
 
+NaN: the fused path never looks at the data on the host, so it cannot raise on NaN by itself.
+``check_nan=True`` (``percentile``, ``entropy_percentile``) adds the check the reference makes:
+it reads the len(q) thresholds back (one host sync, nothing else) and raises ``ValueError``
+naming the argument when any is NaN, which happens exactly when a selected value is NaN. U2PL's
+step leaves it off; tests and one-off analyses turn it on.
+
+``teacher_stats`` (op ``semiseg::teacher_stats``) is U2PL's single pass over teacher logits
+[B, C, h, w]: entropy, max probability and arg-max at an output grid (H, W), up-sampled in the
+kernel (bilinear, align_corners=True) so the full-resolution logits are never stored, and at the
+logits' own grid the softmax and both rank bit maps. ``entropy_percentile(..., size=(H, W))`` is
+that pass followed by ``percentile``.
+
 Kernel launcher signatures (``LAUNCHERS`` of kernels/entropy_percentile.py), q a list of floats:
 ``entropy_percentile(logits, q, valid) -> (entropy, thresholds)``,
 ``percentile(values, q, valid) -> thresholds``, ``rank_mask(prob, low_rank, high_rank) ->
-(unlabeled, labeled)``.
+(unlabeled, labeled)``, ``teacher_stats(logits, size, first_image, want_entropy, want_max_prob,
+want_argmax, want_prob, want_rank, low_rank, high_rank) -> (entropy, max_prob, argmax, prob,
+unlabeled, labeled)`` with a (0,)-shaped tensor for every output not wanted.
 """
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -63,6 +78,54 @@ def _reference_percentile(values: Tensor, q: Sequence[float], valid: Tensor | No
 def _reference_rank_mask(prob: Tensor, low_rank: int, high_rank: int) -> tuple[Tensor, Tensor]:
     # Ranks are order only: any dtype ranks exactly, so no upcast.
     return ref.rank_mask(prob, low_rank, high_rank)
+
+
+_GRID_STATS = ("entropy", "max_prob", "argmax")  # at the output grid
+_LOGIT_STATS = ("prob", "unlabeled", "labeled")  # at the logits' grid
+
+
+def _wanted(want_entropy: bool, want_max_prob: bool, want_argmax: bool, want_prob: bool,
+            want_rank: bool) -> list[str]:
+    flags = (want_entropy, want_max_prob, want_argmax, want_prob, want_rank, want_rank)
+    return [name for name, on in zip(_GRID_STATS + _LOGIT_STATS, flags) if on]
+
+
+def _teacher_stats_shapes(logits: Tensor, size: Sequence[int], first_image: int, wanted: list[str]):
+    """(name, shape, dtype) of the six outputs; (0,) for those not wanted."""
+    b, c, h, w = logits.shape
+    dt = d.compute_dtype(logits.dtype)
+    specs = [("entropy", (b - first_image, *size), dt), ("max_prob", (b - first_image, *size), dt),
+             ("argmax", (b - first_image, *size), torch.int64), ("prob", (b, c, h, w), dt),
+             ("unlabeled", (b, c, h, w), torch.bool), ("labeled", (b, c, h, w), torch.bool)]
+    return [(name, shape if name in wanted else (0,), dtype) for name, shape, dtype in specs]
+
+
+def _reference_teacher_stats(logits: Tensor, size: list[int], first_image: int, want_entropy: bool,
+                             want_max_prob: bool, want_argmax: bool, want_prob: bool, want_rank: bool,
+                             low_rank: int, high_rank: int) -> tuple[Tensor, ...]:
+    wanted = _wanted(want_entropy, want_max_prob, want_argmax, want_prob, want_rank)
+    got = ref.teacher_stats(logits.to(d.compute_dtype(logits.dtype)), size, first_image, low_rank,
+                            high_rank, outputs=wanted)
+    return tuple(got[name] if name in got else logits.new_empty(shape, dtype=dtype)
+                 for name, shape, dtype in _teacher_stats_shapes(logits, size, first_image, wanted))
+
+
+@torch.library.custom_op("semiseg::teacher_stats", mutates_args=())
+def _teacher_stats_op(logits: Tensor, size: list[int], first_image: int, want_entropy: bool,
+                      want_max_prob: bool, want_argmax: bool, want_prob: bool, want_rank: bool,
+                      low_rank: int, high_rank: int, impl: str) -> tuple[Tensor, Tensor, Tensor, Tensor,
+                                                                          Tensor, Tensor]:
+    return _PATH.launch("teacher_stats", impl, logits.device, _reference_teacher_stats, logits, size,
+                        first_image, want_entropy, want_max_prob, want_argmax, want_prob, want_rank,
+                        low_rank, high_rank)
+
+
+@_teacher_stats_op.register_fake
+def _(logits, size, first_image, want_entropy, want_max_prob, want_argmax, want_prob, want_rank,
+      low_rank, high_rank, impl):
+    wanted = _wanted(want_entropy, want_max_prob, want_argmax, want_prob, want_rank)
+    return tuple(logits.new_empty(shape, dtype=dtype)
+                 for _, shape, dtype in _teacher_stats_shapes(logits, size, first_image, wanted))
 
 
 @torch.library.custom_op("semiseg::entropy_percentile", mutates_args=())
@@ -137,34 +200,124 @@ def _check_valid(valid: Tensor | None, ref_name: str, ref_tensor: Tensor,
     d.check_shape("valid", valid, shape, layout)
 
 
-def entropy_percentile(logits: Tensor, q: QLike, valid: Tensor | None = None, *,
-                       impl: str | None = None) -> tuple[Tensor, Tensor]:
-    """Entropy of the channel softmax and its percentiles over ``valid``, in one call.
-
-    logits [B, C, H, W]; valid bool [B, H, W] (default: every pixel); q one number or a sequence
-    of numbers in [0, 100] (U2PL's three thresholds share one selection). Returns
-    (entropy [B, H, W], thresholds): thresholds is 0-d for a scalar q, else [len(q)], each equal
-    to ``numpy.percentile(entropy[valid], q_i)``. See the module docstring for dtypes and the
-    empty case.
-    """
+def _check_logits(logits: Tensor) -> None:
     d.check_float("logits", logits, "[B, C, H, W]", 4)
     if logits.shape[1] < 1:
         raise ValueError(f"logits: expected at least one class, got {tuple(logits.shape)}")
-    b, _, h, w = logits.shape
-    _check_valid(valid, "logits", logits, (b, h, w), "[B, H, W]")
+
+
+def _check_size(size: object, logits: Tensor) -> tuple[int, int]:
+    """(H, W) of the output grid, default the grid of ``logits``."""
+    if size is None:
+        return tuple(logits.shape[-2:])
+    if (not isinstance(size, (tuple, list, torch.Size)) or len(size) != 2
+            or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in size)):
+        raise ValueError(f"size: expected two positive ints (H, W), got {size!r}")
+    return int(size[0]), int(size[1])
+
+
+def _check_rank_bounds(low_rank: object, high_rank: object) -> tuple[int, int]:
+    low_rank = d.check_int("low_rank", low_rank)
+    high_rank = d.check_int("high_rank", high_rank)
+    if not 0 <= low_rank < high_rank:
+        raise ValueError("low_rank, high_rank: expected 0 <= low_rank < high_rank, "
+                         f"got {low_rank}, {high_rank}")
+    return low_rank, high_rank
+
+
+def _raise_on_nan(thresholds: Tensor, name: str) -> None:
+    """The opt-in NaN check (module docstring): one host read of len(q) values."""
+    if bool(torch.isnan(thresholds).any()):
+        raise ValueError(f"{name}: NaN among the values a percentile is taken of")
+
+
+class TeacherStats(NamedTuple):
+    """Outputs of :func:`teacher_stats`; the ones not asked for are None.
+
+    entropy, max_prob: float32 (float64 for float64 logits) [B - first_image, H, W];
+    argmax: int64 [B - first_image, H, W]; prob: like entropy, [B, C, h, w];
+    unlabeled, labeled: bool [B, C, h, w] (see :func:`rank_mask`).
+    """
+    entropy: Tensor | None
+    max_prob: Tensor | None
+    argmax: Tensor | None
+    prob: Tensor | None
+    unlabeled: Tensor | None
+    labeled: Tensor | None
+
+
+def teacher_stats(logits: Tensor, size: Sequence[int] | None = None, *, first_image: int = 0,
+                  entropy: bool = True, max_prob: bool = True, argmax: bool = True,
+                  prob: bool = False, rank: bool = False, low_rank: int = 3, high_rank: int = 20,
+                  impl: str | None = None) -> TeacherStats:
+    """U2PL's single pass over teacher logits [B, C, h, w] (no gradient).
+
+    At the output grid ``size`` = (H, W) (default (h, w)), for images ``first_image`` .. B - 1:
+    the logits up-sampled as ``F.interpolate(..., mode="bilinear", align_corners=True)`` would,
+    then ``entropy`` (-sum_c p_c log(p_c + 1e-10), the official formula), ``max_prob`` (max_c p_c)
+    and ``argmax`` (of the up-sampled logits, the lowest class among equal maxima, as
+    torch.argmax). At the logits' grid, for all B images: ``prob`` (the softmax) and, with
+    ``rank``, the masks ``unlabeled`` (low_rank <= rank(c) < high_rank) and ``labeled``
+    (rank(c) < low_rank) of :func:`rank_mask`. The flags choose the outputs (at least one); the
+    fused kernel reads the logits once for all of them and never stores the up-sampled logits.
+    Computed in float32 for bf16/fp16/float32 logits (float64 logits: float64, reference).
+    """
+    _check_logits(logits)
+    size = _check_size(size, logits)
+    first_image = d.check_int("first_image", first_image)
+    if not 0 <= first_image <= logits.shape[0]:
+        raise ValueError(f"first_image: expected 0 <= first_image <= B = {logits.shape[0]}, "
+                         f"got {first_image}")
+    flags = [bool(entropy), bool(max_prob), bool(argmax), bool(prob), bool(rank)]
+    if not any(flags):
+        raise ValueError("entropy, max_prob, argmax, prob, rank: expected at least one output")
+    low_rank, high_rank = _check_rank_bounds(low_rank, high_rank)
+    mode = _PATH.resolve(impl, "teacher_stats")
+    outs = torch.ops.semiseg.teacher_stats(logits.detach(), list(size), first_image, *flags,
+                                           low_rank, high_rank, mode)
+    wanted = _wanted(*flags)
+    return TeacherStats(*(t if name in wanted else None
+                          for name, t in zip(_GRID_STATS + _LOGIT_STATS, outs)))
+
+
+def entropy_percentile(logits: Tensor, q: QLike, valid: Tensor | None = None, *,
+                       size: Sequence[int] | None = None, check_nan: bool = False,
+                       impl: str | None = None) -> tuple[Tensor, Tensor]:
+    """Entropy of the channel softmax and its percentiles over ``valid``, in one call.
+
+    logits [B, C, h, w]; ``size`` (H, W), default (h, w): the grid the entropy is taken at, the
+    logits up-sampled to it inside the fused pass (bilinear, align_corners=True, see
+    :func:`teacher_stats`). valid bool [B, H, W] (default: every pixel); q one number or a
+    sequence of numbers in [0, 100] (U2PL's three thresholds share one selection). Returns
+    (entropy [B, H, W], thresholds): thresholds is 0-d for a scalar q, else [len(q)], each equal
+    to ``numpy.percentile(entropy[valid], q_i)``. See the module docstring for dtypes, the empty
+    case and ``check_nan``.
+    """
+    _check_logits(logits)
+    b = logits.shape[0]
+    out_size = _check_size(size, logits)
+    _check_valid(valid, "logits", logits, (b, *out_size), "[B, H, W]")
     percentages, scalar = _percentages(q)
-    mode = _PATH.resolve(impl, "entropy_percentile")
-    ent, thresholds = torch.ops.semiseg.entropy_percentile(logits.detach(), percentages,
-                                                           valid, mode)
+    if out_size != tuple(logits.shape[-2:]):
+        ent = teacher_stats(logits, out_size, max_prob=False, argmax=False, impl=impl).entropy
+        thresholds = percentile(ent, percentages, valid, impl=impl)
+    else:
+        mode = _PATH.resolve(impl, "entropy_percentile")
+        ent, thresholds = torch.ops.semiseg.entropy_percentile(logits.detach(), percentages,
+                                                               valid, mode)
+    if check_nan:
+        _raise_on_nan(thresholds, "logits")
     return ent, thresholds[0] if scalar else thresholds
 
 
-def percentile(values: Tensor, q: QLike, valid: Tensor | None = None, *,
+def percentile(values: Tensor, q: QLike, valid: Tensor | None = None, *, check_nan: bool = False,
                impl: str | None = None) -> Tensor:
     """``numpy.percentile`` (linear) of ``values`` over the elements where ``valid`` is True.
 
     values: any shape; valid: bool of the same shape. q: a number (0-d result) or a sequence
-    (result [len(q)]) in [0, 100]. Result in the dtype of ``values``; empty selection gives 0.
+    (result [len(q)]) in [0, 100]. Result in the dtype of ``values``; empty selection gives 0;
+    NaN among the selected values gives NaN, or ``ValueError`` with ``check_nan=True`` (one host
+    sync).
     """
     d.check_tensor("values", values)
     if values.dtype not in d.FLOAT_DTYPES:
@@ -174,6 +327,8 @@ def percentile(values: Tensor, q: QLike, valid: Tensor | None = None, *,
     percentages, scalar = _percentages(q)
     mode = _PATH.resolve(impl, "percentile")
     out = torch.ops.semiseg.percentile(values.detach(), percentages, valid, mode)
+    if check_nan:
+        _raise_on_nan(out, "values")
     return out[0] if scalar else out
 
 
@@ -186,13 +341,9 @@ def rank_mask(prob: Tensor, low_rank: int = 3, high_rank: int = 20, *,
     (U2PL keeps 20 on 19-class Cityscapes).
     """
     d.check_float("prob", prob, "[B, C, H, W]", 4)
-    low_rank = d.check_int("low_rank", low_rank)
-    high_rank = d.check_int("high_rank", high_rank)
-    if not 0 <= low_rank < high_rank:
-        raise ValueError("low_rank, high_rank: expected 0 <= low_rank < high_rank, "
-                         f"got {low_rank}, {high_rank}")
+    low_rank, high_rank = _check_rank_bounds(low_rank, high_rank)
     mode = _PATH.resolve(impl, "rank_mask")
     return torch.ops.semiseg.rank_mask(prob.detach(), low_rank, high_rank, mode)
 
 
-__all__ = ["entropy_percentile", "percentile", "rank_mask"]
+__all__ = ["TeacherStats", "entropy_percentile", "percentile", "rank_mask", "teacher_stats"]

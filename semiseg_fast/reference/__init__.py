@@ -11,12 +11,19 @@ from .contrast import (
     sampled_contrast,
     sampled_contrast_grad,
 )
-from .entropy_percentile import class_rank, entropy, percentile, rank_mask
+from .entropy_percentile import (
+    class_rank,
+    entropy,
+    percentile,
+    rank_mask,
+    teacher_stats,
+)
 from .graph import (
     class_graph,
     class_graph_lowrank,
     graph_propagate,
     graph_propagate_grad,
+    official_dense_layer,
     official_onehot,
     semantic_graph,
 )
@@ -32,6 +39,7 @@ __all__ = [
     "entropy",
     "graph_propagate",
     "graph_propagate_grad",
+    "official_dense_layer",
     "official_onehot",
     "percentile",
     "rank_mask",
@@ -40,4 +48,5 @@ __all__ = [
     "semantic_graph",
     "spatial_kl",
     "spatial_kl_grad",
+    "teacher_stats",
 ]

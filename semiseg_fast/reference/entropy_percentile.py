@@ -28,6 +28,11 @@ NaN among the considered values raises ``ValueError`` naming ``values`` (NaN at 
 Rank tie rule (``class_rank``/``rank_mask``): a stable descending sort over classes, so among
 equal probabilities the lower class index gets the lower (better) rank:
     rank(c) = #{c' : p_c' > p_c} + #{c' < c : p_c' = p_c}.
+
+``teacher_stats`` is everything U2PL reads off one teacher output, written the way U2PL writes it:
+the logits up-sampled with ``F.interpolate`` (bilinear, align_corners=True) to the crop, then the
+softmax, the official entropy, the max probability and ``argmax`` of the up-sampled logits (the
+first maximum), and at the logits' own grid the softmax and ``rank_mask``.
 """
 from __future__ import annotations
 
@@ -36,6 +41,7 @@ import numbers
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 QLike = float | int | Sequence[float] | Tensor
@@ -47,7 +53,10 @@ def entropy(logits: Tensor) -> Tensor:
         raise ValueError(
             f"logits: expected a floating tensor [B, C, ...], got {logits.dtype} "
             f"{tuple(logits.shape)}")
-    prob = torch.softmax(logits, dim=1)
+    return _entropy_of(torch.softmax(logits, dim=1))
+
+
+def _entropy_of(prob: Tensor) -> Tensor:
     return -torch.sum(prob * torch.log(prob + 1e-10), dim=1)
 
 
@@ -145,3 +154,39 @@ def rank_mask(prob: Tensor, low_rank: int = 3, high_rank: int = 20) -> tuple[Ten
             f"got {low_rank}, {high_rank}")
     rank = class_rank(prob)
     return (rank >= low_rank) & (rank < high_rank), rank < low_rank
+
+
+TEACHER_STATS = ("entropy", "max_prob", "argmax", "prob", "unlabeled", "labeled")
+
+
+def teacher_stats(logits: Tensor, size: Sequence[int] | None = None, first_image: int = 0,
+                  low_rank: int = 3, high_rank: int = 20,
+                  outputs: Sequence[str] = TEACHER_STATS) -> dict[str, Tensor]:
+    """U2PL's statistics of teacher logits [B, C, h, w], all computed in the dtype of ``logits``.
+
+    At the output grid ``size`` = (H, W) (default: the logits' grid), for images
+    ``first_image`` .. B - 1 of the up-sampled logits: "entropy", "max_prob" (float), "argmax"
+    (int64), each [B - first_image, H, W]. At the logits' grid, for every image: "prob" (the
+    softmax) and "unlabeled" / "labeled" (``rank_mask`` of it), [B, C, h, w]. Only the names in
+    ``outputs`` are computed and returned.
+    """
+    if logits.dim() != 4 or not logits.is_floating_point():
+        raise ValueError(f"logits: expected a floating tensor [B, C, h, w], got {logits.dtype} "
+                         f"{tuple(logits.shape)}")
+    unknown = set(outputs) - set(TEACHER_STATS)
+    if unknown:
+        raise ValueError(f"outputs: expected names among {TEACHER_STATS}, got {sorted(unknown)}")
+    size = tuple(logits.shape[-2:]) if size is None else tuple(size)
+    out = {}
+    if {"entropy", "max_prob", "argmax"} & set(outputs):
+        up = logits[first_image:]
+        if up.shape[-2:] != size:
+            up = F.interpolate(up, size=size, mode="bilinear", align_corners=True)
+        prob_up = torch.softmax(up, dim=1)
+        out |= {"entropy": _entropy_of(prob_up), "max_prob": prob_up.amax(dim=1),
+                "argmax": up.argmax(dim=1)}
+    if {"prob", "unlabeled", "labeled"} & set(outputs):
+        prob = torch.softmax(logits, dim=1)
+        out["prob"] = prob
+        out["unlabeled"], out["labeled"] = rank_mask(prob, low_rank, high_rank)
+    return {name: out[name] for name in outputs}
