@@ -30,12 +30,14 @@ dq written once (3 N). The fused path reads p and q in the forward and again in 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime
 import statistics
 import subprocess
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -47,7 +49,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FIELDS = ["date", "commit", "device", "torch", "triton", "op", "case", "dtype", "provider", "mode",
           "ms_median", "ms_p20", "ms_p80", "peak_mb", "floor_mb", "gb_s", "copy_gb_s", "pct_of_copy",
-          "gflop", "tflop_s", "matmul_tflop_s", "pct_of_matmul"]
+          "gflop", "tflop_s", "matmul_tflop_s", "pct_of_matmul",
+          # whole-step rows (profiling/bench_steps.py)
+          "images_s", "host_syncs", "graph_breaks", "note"]
 
 
 def _timer(fn: Callable[[], object], device: torch.device) -> tuple[float, float, float]:
@@ -76,14 +80,14 @@ def copy_bandwidth(device: torch.device, mb: int = 1024) -> float:
     return 2 * src.numel() * 4 / (med * 1e-3) / 1e9
 
 
-def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
-    """TFLOP/s of a square matmul at ``dtype`` (fp32 at IEEE precision, as the fused GEMM kernels
-    use), the ceiling the GEMM-bound ops are compared with."""
+def matmul_rate(device: torch.device, dtype: torch.dtype, tf32: bool = False) -> float:
+    """TFLOP/s of a square matmul at ``dtype`` (fp32 at IEEE precision unless ``tf32``), the
+    ceiling the GEMM-bound ops are compared with."""
     n = 8192 if device.type == "cuda" else 512
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     prev = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = tf32
     try:
         med, _, _ = _timer(lambda: a @ b, device)
     finally:
@@ -141,47 +145,101 @@ U2PL_Q = [80.0, 20.0, 80.0]  # the three thresholds of one U2PL step (drop, low,
 
 
 def entropy_percentile_cases(smoke: bool):
-    if smoke:
-        return [("smoke", (2, 5, 17, 19))]
-    return [("voc513", (4, 21, 513, 513)), ("city769", (2, 19, 769, 769)), ("stress64M", (1, 1, 8192, 8192))]
+    """(name, shape): [B, C, H, W] logits at crop size, or [B, C, h, w, H, W] for 1/4 logits that
+    the fused pass up-samples to (H, W) itself (U2PL's real input)."""
+    if smoke:  # the up-sampling case: it runs the whole fused path (pass + selection)
+        return [("smoke", (2, 5, 5, 6, 17, 19))]
+    return [("voc129to513", (4, 21, 129, 129, 513, 513)), ("voc513", (4, 21, 513, 513)),
+            ("city769", (2, 19, 769, 769)), ("stress64M", (1, 1, 8192, 8192))]
+
+
+def entropy_percentile_sorted(values, valid, q):
+    """numpy's linear percentiles from one ``torch.sort`` of all values (unselected ones as +inf
+    at the end), ranks and lerp on the device: the sort-based way without a host sync."""
+    flat = torch.where(valid, values, float("inf")).reshape(-1)
+    ordered = torch.sort(flat).values
+    last = (valid.sum() - 1).clamp_min(0)
+    out = []
+    for pct in q:
+        r = last.double() * (pct / 100.0)
+        lo = torch.minimum(r.floor().long(), last)
+        hi = torch.minimum(lo + 1, last)
+        g = torch.where(r >= last, r + 1, r - r.floor())
+        a, b = ordered[lo], ordered[hi]
+        out.append(torch.where(g >= 0.5, b - (b - a) * (1 - g).float(), a + (b - a) * g.float()))
+    return torch.stack(out)
 
 
 def entropy_percentile_bench(shape, dtype, device):
     """Entropy + U2PL's three thresholds; the 1-class stress case times the selection alone
-    (its entropy is 0 everywhere, so it runs on the logits as values via ``percentile``)."""
-    b, c, h, w = shape
+    (its entropy is 0 everywhere, so it runs on the logits as values via ``percentile``).
+
+    Providers: ``fused`` (Triton pass + Triton radix select), ``reference`` (the ops'
+    references), ``official`` (U2PL: up-sample, entropy, device-to-host copy,
+    ``numpy.percentile`` x 3) and, on CUDA only (timing providers; the CPU smoke run keeps the
+    three above, which tests/test_profiling.py pins), ``sort`` (eager up-sample, entropy, one
+    ``torch.sort``, no host sync) and ``fused_cuda`` (the C++ radix select of
+    csrc/radix_select.cu; absent where it cannot be built).
+    Floor: the logits read once plus the entropy map written once (what the op must return)."""
+    import contextlib
+    import importlib
+
+    import numpy as np
+    import torch.nn.functional as F
+
+    kernels = importlib.import_module("semiseg_fast.kernels.entropy_percentile")
+    b, c, h, w = shape[:4]
+    size = tuple(shape[4:]) or (h, w)
     g = torch.Generator(device="cpu").manual_seed(0)
-    logits = (torch.randn(shape, generator=g) * 3).to(device, dtype)
-    valid = (torch.rand(b, h, w, generator=g) < 0.9).to(device)
+    logits = (torch.randn((b, c, h, w), generator=g) * 3).to(device, dtype)
+    valid = (torch.rand(b, *size, generator=g) < 0.9).to(device)
+
+    def up():
+        return F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=True) if size != (h, w) \
+            else logits.float()
+
+    def cuda_select():
+        return kernels.use_radix_select("cuda") if device.type == "cuda" else contextlib.nullcontext()
+
     if c == 1:
-        values, mask = logits.reshape(b, h, w), valid
+        values = logits.reshape(b, h, w)
 
-        def official():
-            import numpy as np
+        def fused(select=contextlib.nullcontext):
+            with select():
+                return ops.percentile(values, U2PL_Q, valid, impl="triton")
 
-            sel = values[mask].float().cpu().numpy()
-            return [np.percentile(sel, q) for q in U2PL_Q]
+        def sort():
+            return entropy_percentile_sorted(values.float(), valid, U2PL_Q)
 
         providers = {
-            "fused": lambda: ops.percentile(values, U2PL_Q, mask, impl="triton"),
-            "reference": lambda: ops.percentile(values, U2PL_Q, mask, impl="reference"),
-            "official": official,
+            "reference": lambda: ops.percentile(values, U2PL_Q, valid, impl="reference"),
+            "official": lambda: [np.percentile(values[valid].float().cpu().numpy(), q) for q in U2PL_Q],
         }
         floor = values.numel() * values.element_size()
     else:
-        def official():
-            import numpy as np
+        def fused(select=contextlib.nullcontext):
+            with select():
+                return ops.entropy_percentile(logits, U2PL_Q, valid, size=size, impl="triton")
 
-            ent = ref.entropy(logits.float())
+        def official():
+            ent = ref.entropy(up())
             sel = ent[valid].cpu().numpy()
             return ent, [np.percentile(sel, q) for q in U2PL_Q]
 
+        def sort():
+            ent = ref.entropy(up())
+            return ent, entropy_percentile_sorted(ent, valid, U2PL_Q)
+
         providers = {
-            "fused": lambda: ops.entropy_percentile(logits, U2PL_Q, valid, impl="triton"),
-            "reference": lambda: ops.entropy_percentile(logits, U2PL_Q, valid, impl="reference"),
+            "reference": lambda: ops.entropy_percentile(up(), U2PL_Q, valid, impl="reference"),
             "official": official,
         }
-        floor = logits.numel() * logits.element_size()
+        floor = logits.numel() * logits.element_size() + b * size[0] * size[1] * 4
+    providers = {"fused": fused, **providers}
+    if device.type == "cuda":
+        providers["sort"] = sort
+        if kernels._cuda_select() is not None:
+            providers["fused_cuda"] = lambda: fused(cuda_select)
     return {name: {"fwd": fn} for name, fn in providers.items()}, {"fwd": floor}
 
 
@@ -213,53 +271,149 @@ def sampled_contrast_bench(shape, dtype, device):
 
 
 def class_bank_contrast_cases(smoke: bool):
-    if smoke:
-        return [("smoke_hc", (40, 16, 3, 8, "hc"))]
-    # CTT VOC: 10 + 10 images at 41 x 41 = 33,620 anchors; City: 2 + 2 at 33 x 65 = 8,580
-    return [("voc_hc", (33620, 256, 21, 256, "hc")), ("voc_lc", (33620, 256, 21, 512, "lc")),
-            ("city_hc", (8580, 256, 19, 256, "hc"))]
+    """(anchors, D, C, entries per class, mode, fp32 dot precision, time the same-shape matmul);
+    a "tf32" case runs for fp32 only."""
+    if smoke:  # one case (tests/test_profiling.py counts the smoke rows)
+        return [("smoke_hc_tf32", (40, 16, 3, 8, "hc", "tf32", False))]
+    # CTT VOC: 10 + 10 images at 41 x 41 = 33,620 anchors; City: 2 + 2 at 33 x 65 = 8,580.
+    # HC against [C, Q, D] (Q = 256), LC against both networks' banks [C, 2Q, D].
+    return [(f"{data}_{mode}{'_tf32' if precision == 'tf32' else ''}", (n, 256, c, q, mode, precision, True))
+            for data, n, c in (("voc", 33620, 21), ("city", 8580, 19))
+            for mode, q in (("hc", 256), ("lc", 512))
+            for precision in ("ieee", "tf32")]
+
+
+def class_bank_contrast_precision(fn: Callable, precision: str) -> Callable:
+    """``fn`` run under ``torch.set_float32_matmul_precision`` for ``precision`` ("ieee" ->
+    "highest", "tf32" -> "high"): the switch the fused op's "auto" and PyTorch's matmuls follow."""
+    setting = "highest" if precision == "ieee" else "high"
+
+    def run(*args):
+        previous = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision(setting)
+        try:
+            return fn(*args)
+        finally:
+            torch.set_float32_matmul_precision(previous)
+    return run
 
 
 def class_bank_contrast_bench(shape, dtype, device):
-    n, d, c, q, mode = shape
+    """Fused and eager reference at one fp32 precision (bf16/fp16: the dtype decides), plus
+    ``matmul``: the op's own product z [N, D] @ bank^T [D, C Q] in PyTorch at the same precision,
+    timed forward only, whose row's TFLOP/s is the same-shape, same-precision ceiling (the
+    driver's ``pct_of_matmul`` is against a square matmul at the case's precision)."""
+    n, d, c, q, mode, precision, with_matmul = shape
+    if dtype != torch.float32 and precision != "ieee":
+        return {}, {}  # the precision switch applies to fp32 only: nothing new to time
     g = torch.Generator(device="cpu").manual_seed(0)
     z = torch.randn(n, d, generator=g).to(device, dtype)
     labels = torch.randint(0, c, (n,), generator=g).to(device)
     bank = torch.nn.functional.normalize(torch.randn(c, q, d, generator=g), dim=2).to(device, dtype)
     positive = torch.randn(n, d, generator=g).to(device, dtype) if mode == "lc" else None
+    flat = bank.reshape(c * q, d)
     providers = {
         "fused": lambda z_: ops.class_bank_contrast(z_, labels, bank, mode, positive=positive, impl="triton"),
         "reference": lambda z_: ops.class_bank_contrast(z_, labels, bank, mode, positive=positive,
                                                         impl="reference"),
     }
+    modes = {name: _loss_modes(class_bank_contrast_precision(fn, precision), z) for name, fn in providers.items()}
+    if with_matmul:
+        modes["matmul"] = {"fwd": class_bank_contrast_precision(lambda: z @ flat.T, precision)}
     gemm = 2 * n * c * q * d  # one anchors x bank product
-    # FLOP floor: forward one product, backward one recompute plus the gradient product
-    floors = {"fwd": ("flop", gemm), "bwd": ("flop", 2 * gemm), "fwd+bwd": ("flop", 3 * gemm)}
-    return {name: _loss_modes(fn, z) for name, fn in providers.items()}, floors
+    # FLOP floor: forward one product, backward one recompute plus the gradient product (the fused
+    # HC adds ~2/C of a product per pass for its positives, uncounted)
+    floors = {"fwd": ("flop", gemm, precision), "bwd": ("flop", 2 * gemm, precision),
+              "fwd+bwd": ("flop", 3 * gemm, precision)}
+    return modes, floors
 
 
 def graph_mix_cases(smoke: bool):
+    """MLLC's whole G2Net layer (both graphs and the 1x1 convs): (images, h, w, C, D, official mask)."""
     if smoke:
-        return [("smoke", (40, 5, 16))]
-    # MLLC: one image's graph at 1/8 of a 321 crop (VOC, 41 x 41) and of 256 x 512 (City, 33 x 65)
-    return [("voc", (1681, 21, 256)), ("city", (2145, 19, 256))]
+        return [("smoke", (1, 4, 5, 5, 16, False)), ("smoke_om", (1, 4, 5, 5, 16, True))]
+    # per-image graphs at 1/8 of a 321 crop (VOC: 10 images x 41 x 41) and of 256 x 512 (City: 2 + 2
+    # images x 33 x 65), VOC again with the official class-graph mask, and one batch-wide graph
+    # (``--mllc-batch-graph``) of 16k and 64k nodes
+    return [("voc", (10, 41, 41, 21, 256, False)), ("voc_om", (10, 41, 41, 21, 256, True)),
+            ("city", (4, 33, 65, 19, 256, False)), ("batch16k", (1, 128, 128, 21, 256, False)),
+            ("batch64k", (1, 256, 256, 21, 256, False))]
+
+
+# N x N matrices the dense providers hold at once (official layer, fwd+bwd: similarity, sorted values,
+# int64 indices as two, kept, A, diag_embed, a product, and A^ / Q^ saved for the backward)
+_DENSE_NN = 12
 
 
 def graph_mix_bench(shape, dtype, device):
-    n, c, d = shape
+    """Providers: fused (``ops.graph_propagate`` on the Triton kernels), reference (the same op on
+    the eager references), compiled (``torch.compile`` of ``reference.graph_propagate``), official
+    (``reference.official_dense_layer``: full sort, diag_embed products). The dense three are left
+    out, with a printed reason, where their N x N matrices would not fit in the free device memory.
+    Mode ``graph`` (fused only) times the top-k and degree passes alone: three similarity products
+    of 2 N^2 D, so its TFLOP/s is the similarity tiles' rate (the per-row merge sort included).
+    Other modes count the useful products per image and direction: the similarity (2 N^2 D), A^ Z
+    (2 N^2 C), the class graph (official mask: Q and Q^ F, 2 N^2 (C + D); intended: its rank-C
+    form, 4 N C^2 D) and the convs (4 N (C^2 + D^2))."""
+    from semiseg_fast.kernels import graph as graph_kernels
+
+    b, h, w, c, d, official = shape
+    n = h * w
+    k = min(21, n)
     g = torch.Generator(device="cpu").manual_seed(0)
-    z = torch.randn(n, c, generator=g).to(device, dtype)
-    f = torch.randn(n, d, generator=g).to(device, dtype)
+    # one leaf holds every image's logits (first C columns) and embeddings, so the backward
+    # modes time the gradients of both inputs
+    zf = torch.cat([torch.randn(b, n, c, generator=g) * 2, torch.randn(b, n, d, generator=g)], 2).to(device, dtype)
     eta = torch.full((c,), 0.5, device=device, dtype=dtype)
-    providers = {
-        "fused": lambda z_: ops.graph_mix(z_, f, eta, k=21, impl="triton")[0].float().square().mean(),
-        "reference": lambda z_: ops.graph_mix(z_, f, eta, k=21, impl="reference")[0].float().square().mean(),
-    }
-    sim = 2 * n * n * d  # one similarity product; the fused forward computes it 5 times (top-k,
-    # degree and apply passes, the last two with the transposed tile)
-    floors = {"fwd": ("flop", sim + 2 * n * n * c), "bwd": ("flop", sim + 2 * n * n * c),
-              "fwd+bwd": ("flop", 2 * (sim + 2 * n * n * c))}
-    return {name: _loss_modes(fn, z) for name, fn in providers.items()}, floors
+    conv_z = torch.nn.Sequential(torch.nn.Conv2d(c, c, 1), torch.nn.Conv2d(c, c, 1)).to(device, dtype)
+    conv_f = torch.nn.Sequential(torch.nn.Conv2d(d, d, 1), torch.nn.ReLU(), torch.nn.Conv2d(d, d, 1)).to(device, dtype)
+    # every case compiles ref.graph_propagate afresh: its recompiles across cases, dtypes and grad
+    # modes would pass dynamo's recompile limit and fall back to eager without saying so
+    torch.compiler.reset()
+    compiled = torch.compile(ref.graph_propagate)
+
+    def layer_loss(layer, **kw):
+        def loss(x):
+            total = x.new_zeros((), dtype=torch.float32)
+            for i in range(b):
+                z_out, f_out = layer(x[i, :, :c], x[i, :, c:], eta, conv_z, conv_f, k=k, official_layout=official,
+                                     h=h, w=w, **kw)
+                total = total + z_out.float().square().mean() + f_out.float().square().mean()
+            return total
+        return loss
+
+    layers = {"fused": layer_loss(ops.graph_propagate, impl="triton"),
+              "reference": layer_loss(ops.graph_propagate, impl="reference"),
+              "compiled": layer_loss(compiled), "official": layer_loss(ref.official_dense_layer)}
+    if device.type == "cuda":
+        need = _DENSE_NN * n * n * 4
+        free = torch.cuda.mem_get_info(device)[0]
+        if need > free:
+            print(f"graph_mix {n} nodes: reference, compiled and official skipped: about {need / 2**30:.0f} GiB "
+                  f"of N x N matrices against {free / 2**30:.0f} GiB free")
+            layers = {"fused": layers["fused"]}
+    if dtype == torch.float32:
+        # the providers must agree before any is timed (roundings and, rarely, a neighbour at theta
+        # decided the other way on one row move the mean square by far less than 1e-3); in bf16 the
+        # dense ones sort and threshold bf16 similarities (ties), the ops compute in fp32
+        with torch.no_grad():
+            expected = layers["fused"](zf).double()
+            for name, fn in layers.items():
+                got = fn(zf).double()
+                if not torch.allclose(got, expected, rtol=1e-3):
+                    raise AssertionError(f"graph_mix provider {name}: {got.item()} != fused {expected.item()}")
+    providers = {name: _loss_modes(fn, zf) for name, fn in layers.items()}
+
+    def graph_passes():
+        for i in range(b):
+            graph_kernels.semantic_graph(zf[i, :, c:], k)
+
+    providers["fused"]["graph"] = graph_passes
+    class_graph = 2 * n * n * (c + d) if official else 4 * n * c * c * d
+    one_way = b * (2 * n * n * d + 2 * n * n * c + class_graph + 4 * n * (c * c + d * d))
+    floors = {"fwd": ("flop", one_way), "bwd": ("flop", one_way), "fwd+bwd": ("flop", 2 * one_way),
+              "graph": ("flop", b * 3 * 2 * n * n * d)}
+    return providers, floors
 
 
 OPS = {"spatial_kl": (spatial_kl_cases, spatial_kl_bench),
@@ -293,6 +447,41 @@ def _loss_modes(provider: Callable, q: torch.Tensor):
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd_bwd}
 
 
+class SyncCount:
+    """Host synchronisations counted by :func:`counting_host_syncs` (``None`` off CUDA)."""
+    value: int | None = None
+
+
+@contextlib.contextmanager
+def counting_host_syncs(device: torch.device) -> Iterator[SyncCount]:
+    """Count the CUDA host synchronisations inside the block: with ``set_sync_debug_mode("warn")``
+    every synchronising call warns, and the warnings are recorded, not printed. Off CUDA there is
+    nothing to count and the count stays None."""
+    count = SyncCount()
+    if device.type != "cuda":
+        yield count
+        return
+    torch.cuda.synchronize(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield count
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    count.value = sum("synchroniz" in str(w.message) for w in caught)
+
+
+def device_label(device: torch.device) -> str:
+    """The device's name as the CSV rows and the results file name carry it."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def results_path(device: torch.device) -> Path:
+    """``profiling/results/<device>.csv``, where every benchmark of this suite appends its rows."""
+    return RESULTS / f"{device_label(device).replace(' ', '_')}.csv"
+
+
 def _environment() -> dict[str, str]:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -311,7 +500,7 @@ def _environment() -> dict[str, str]:
 
 def run(op_names, dtype_names, smoke: bool, device: torch.device, out: Path | None, echo=print) -> list[dict]:
     env = _environment()
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    device_name = device_label(device)
     copy = copy_bandwidth(device)
     echo(f"device {device_name}, copy bandwidth {copy:.0f} GB/s, torch {env['torch']}, triton {env['triton']}")
     rows, rates = [], {}
@@ -333,13 +522,16 @@ def run(op_names, dtype_names, smoke: bool, device: torch.device, out: Path | No
                                "ms_p80": f"{p80:.4f}", "peak_mb": f"{peak:.1f}", "copy_gb_s": f"{copy:.4g}"}
                         floor = floors[mode]
                         if isinstance(floor, tuple):  # GEMM-bound: FLOPs against the matmul rate
-                            if dtype_name not in rates:
-                                rates[dtype_name] = matmul_rate(device, DTYPES[dtype_name])
+                            # ("flop", count[, "tf32"]): fp32 rows compare with an IEEE matmul
+                            # unless the case runs its products in TF32
+                            key = (dtype_name, floor[2] if len(floor) > 2 else "ieee")
+                            if key not in rates:
+                                rates[key] = matmul_rate(device, DTYPES[dtype_name], tf32=key[1] == "tf32")
                             tflop_s = floor[1] / (med * 1e-3) / 1e12
                             row |= {"gflop": f"{floor[1] / 1e9:.4g}", "tflop_s": f"{tflop_s:.4g}",
                                     # significant digits: a loaded CPU runs the smoke matmul at < 0.05 TFLOP/s
-                                    "matmul_tflop_s": f"{rates[dtype_name]:.4g}",
-                                    "pct_of_matmul": f"{100 * tflop_s / rates[dtype_name]:.1f}"}
+                                    "matmul_tflop_s": f"{rates[key]:.4g}",
+                                    "pct_of_matmul": f"{100 * tflop_s / rates[key]:.1f}"}
                             rate = f"{tflop_s:7.2f} TFLOP/s ({row['pct_of_matmul']}% of matmul)"
                         else:
                             gb_s = floor / (med * 1e-3) / 1e9
@@ -350,15 +542,26 @@ def run(op_names, dtype_names, smoke: bool, device: torch.device, out: Path | No
                         echo(f"{op:<11} {case:<8} {dtype_name:<5} {provider:<9} {mode:<8} {med:9.3f} ms "
                              f"[{p20:.3f}, {p80:.3f}]  {rate}  peak {peak:.0f} MB")
     if out is not None and rows:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        new = not out.exists()
-        with out.open("a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=FIELDS)
-            if new:
-                writer.writeheader()
-            writer.writerows(rows)
+        append_rows(out, rows)
         echo(f"appended {len(rows)} rows to {out}")
     return rows
+
+
+def append_rows(out: Path, rows: list[dict]) -> None:
+    """Append result rows to a CSV of FIELDS columns (header written for a new file)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists():
+        with out.open(newline="") as f:
+            header = next(csv.reader(f), None)
+        if header is not None and header != FIELDS:
+            raise ValueError(f"out: {out} has the columns {header}, not this version's {FIELDS}; "
+                             f"move it aside or write to another file")
+    new = not out.exists() or out.stat().st_size == 0
+    with out.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -370,8 +573,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-csv", action="store_true", help="print only")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    out = None if args.no_csv or args.smoke else RESULTS / f"{name.replace(' ', '_')}.csv"
+    out = None if args.no_csv or args.smoke else results_path(device)
     run(args.op or sorted(OPS), args.dtype or ["fp32", "bf16"], args.smoke, device, out)
     return 0
 
