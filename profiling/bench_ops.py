@@ -11,10 +11,14 @@ fraction of the memory system the op reaches. Rows are appended to
 ``profiling/results/<device>.csv`` with device, torch, triton, commit and date.
 
 Providers: ``fused`` (the Triton kernels), ``reference`` (the eager references through the ops),
-and per op ``compiled`` (spatial KL: ``torch.compile(fullgraph=True)`` of a loop-free PyTorch
-formulation, since the references read sizes on the host; providers are checked to agree first)
-or ``official`` (entropy percentile: U2PL's device-to-host copy and ``numpy.percentile``). Modes:
-``fwd``, ``bwd``, ``fwd+bwd`` for losses, ``fwd`` for statistics.
+``compiled`` (a ``torch.compile``d reference: spatial KL ``fullgraph=True`` of a loop-free PyTorch
+formulation, since the references read sizes on the host, providers checked to agree first; the
+graph layer, the contrasts and the entropy's sort-based formulation compiled as they are, the last
+three on CUDA only: see ``COMPILED_ON_CPU``), and where an official code path exists ``official``
+(entropy percentile: U2PL's device-to-host copy and ``numpy.percentile``; graph: the official dense
+layer). Class-bank contrast adds ``matmul`` (its own product in PyTorch, a same-shape ceiling) and
+the entropy ``sort`` / ``fused_cuda`` on CUDA. Modes: ``fwd``, ``bwd``, ``fwd+bwd`` for losses,
+``fwd`` for statistics, ``graph`` for the MLLC similarity passes alone.
 
 Class-bank contrast (5a, CTT) and the MLLC semantic graph (5b) are GEMM-bound: their rows give
 TFLOP/s for the useful products (contrast: anchors x bank, forward 1, backward 2; graph: the
@@ -52,6 +56,16 @@ FIELDS = ["date", "commit", "device", "torch", "triton", "op", "case", "dtype", 
           "gflop", "tflop_s", "matmul_tflop_s", "pct_of_matmul",
           # whole-step rows (profiling/bench_steps.py)
           "images_s", "host_syncs", "graph_breaks", "note"]
+
+
+# The compiled-reference providers of the entropy and contrast ops join the CUDA runs only: inductor
+# needs tens of seconds per case on a 2-core CPU, too much for a smoke run; tests switch it on to
+# check that they run.
+COMPILED_ON_CPU = False
+
+
+def _with_compiled(device: torch.device) -> bool:
+    return device.type == "cuda" or COMPILED_ON_CPU
 
 
 def _timer(fn: Callable[[], object], device: torch.device) -> tuple[float, float, float]:
@@ -236,6 +250,8 @@ def entropy_percentile_bench(shape, dtype, device):
         }
         floor = logits.numel() * logits.element_size() + b * size[0] * size[1] * 4
     providers = {"fused": fused, **providers}
+    if _with_compiled(device):
+        providers["compiled"] = torch.compile(sort)  # the sort-based formulation, loop-free
     if device.type == "cuda":
         providers["sort"] = sort
         if kernels._cuda_select() is not None:
@@ -262,6 +278,11 @@ def sampled_contrast_bench(shape, dtype, device):
         "fused": lambda a: ops.sampled_contrast(a, keys_pos, bank, anchor_idx, neg_idx, impl="triton"),
         "reference": lambda a: ops.sampled_contrast(a, keys_pos, bank, anchor_idx, neg_idx, impl="reference"),
     }
+    if _with_compiled(device):
+        # the reference formulation itself (the op keeps it opaque), in the op's compute dtype
+        compiled = torch.compile(ref.sampled_contrast)
+        providers["compiled"] = lambda a: compiled(a.float(), keys_pos.float(), bank.float(), anchor_idx, neg_idx,
+                                                   num_valid=max(k, 1))  # the op's default divisor
     # gather-bound: every sampled anchor, prototype and negative row read once (the floor of a
     # gather; the forward and the backward each need them), the anchor gradient written once
     gathered = k * m * (nneg + 2) * d * anchors.element_size()
@@ -317,6 +338,14 @@ def class_bank_contrast_bench(shape, dtype, device):
         "reference": lambda z_: ops.class_bank_contrast(z_, labels, bank, mode, positive=positive,
                                                         impl="reference"),
     }
+    if _with_compiled(device):
+        # the reference formulation itself (the op keeps it opaque), in the op's compute dtype
+        if mode == "hc":
+            compiled = torch.compile(ref.class_bank_contrast_hc)
+            providers["compiled"] = lambda z_: compiled(z_.float(), labels, bank.float())
+        else:
+            compiled = torch.compile(ref.class_bank_contrast_lc)
+            providers["compiled"] = lambda z_: compiled(z_.float(), labels, positive.float(), bank.float())
     modes = {name: _loss_modes(class_bank_contrast_precision(fn, precision), z) for name, fn in providers.items()}
     if with_matmul:
         modes["matmul"] = {"fwd": class_bank_contrast_precision(lambda: z @ flat.T, precision)}

@@ -184,3 +184,19 @@ def test_step_benchmark_counts_host_syncs_on_cuda(tmp_path):
     step = trainer.train_step
     trainer.train_step = lambda: step()["loss"].item()
     assert bench_steps.time_steps(trainer, 3)[1] == 3
+
+
+def test_compiled_reference_providers_run(monkeypatch):
+    """The compiled-reference providers that only CUDA runs time (compiling is slow on this CPU)
+    build and run, and agree with the eager reference."""
+    from profiling import bench_ops
+
+    monkeypatch.setattr(bench_ops, "COMPILED_ON_CPU", True)
+    cpu = torch.device("cpu")
+    for op in ("entropy_percentile", "sampled_contrast", "class_bank_contrast"):
+        cases, build = bench_ops.OPS[op]
+        providers, _ = build(cases(True)[0][1], torch.float32, cpu)
+        fwd = {name: modes["fwd"]() for name, modes in providers.items() if name in ("reference", "compiled")}
+        assert set(fwd) == {"reference", "compiled"}, op
+        ref_out, compiled_out = (v[-1] if isinstance(v, tuple) else v for v in fwd.values())
+        torch.testing.assert_close(compiled_out.float(), ref_out.float(), rtol=1e-4, atol=1e-5, msg=op)
