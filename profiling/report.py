@@ -219,6 +219,24 @@ def markdown(rows: list[Row], plots: list[Path] = (), relative_to: Path | None =
     return "\n".join(lines).rstrip() + "\n"
 
 
+def _bar_chart(plt, path: Path, names: list[str], series: dict[str, list[float]], xlabel: str, log: bool) -> Path:
+    """Horizontal grouped bars, one group per name and one bar per series; saved as PNG."""
+    fig, ax = plt.subplots(figsize=(10, 0.3 * len(names) * max(len(series), 1) ** 0.5 + 1.5))
+    height = 0.8 / max(len(series), 1)
+    for i, (label, values) in enumerate(series.items()):
+        ax.barh([k + i * height for k in range(len(names))], values, height, label=label)
+    ax.set_yticks([k + 0.4 - height / 2 for k in range(len(names))], names, fontsize=7)
+    if log:
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def render_plots(rows: list[Row], stem: Path) -> list[Path]:
     """Bar charts of the fused speed-ups (ops) and of ms/step (methods); [] without matplotlib."""
     try:
@@ -229,38 +247,19 @@ def render_plots(rows: list[Row], stem: Path) -> list[Path]:
     except ImportError:
         return []
     written = []
-    ops = [(f"{op} {case} {dtype} {mode}", group) for (op, case, dtype, mode), group in op_groups(rows).items()]
+    ops = list(op_groups(rows).items())
     if ops:
         providers = sorted({p for _, g in ops for p in g if p != "fused"})
-        fig, ax = plt.subplots(figsize=(10, 0.3 * len(ops) + 1.5))
-        height = 0.8 / max(len(providers), 1)
-        for i, p in enumerate(providers):
-            ax.barh([k + i * height for k in range(len(ops))], [speedup(g, p) or 0 for _, g in ops], height,
-                    label=f"vs {p}")
-        ax.set_yticks([k + 0.4 - height / 2 for k in range(len(ops))], [name for name, _ in ops], fontsize=7)
-        ax.axvline(1.0, color="black", linewidth=0.8)
-        ax.set_xscale("log")
-        ax.set_xlabel("fused speed-up (other provider's median / fused median)")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        written.append(stem.with_name(stem.name + "_ops.png"))
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
+        written.append(_bar_chart(
+            plt, stem.with_name(stem.name + "_ops.png"), [" ".join(key) for key, _ in ops],
+            {f"vs {p}": [speedup(g, p) or 0 for _, g in ops] for p in providers},
+            "fused speed-up (other provider's median / fused median)", log=True))
     steps = list(step_groups(rows).items())
     if steps:
-        fig, ax = plt.subplots(figsize=(8, 0.45 * len(steps) + 1.5))
-        names = [f"{op} {case}" for (op, case, _, _), _ in steps]
-        for i, p in enumerate(("fused", "reference", "official")):
-            values = [_f(g.get(p), "ms_median") or 0 for _, g in steps]
-            if any(values):
-                ax.barh([k + i * 0.27 for k in range(len(steps))], values, 0.27, label=p)
-        ax.set_yticks([k + 0.27 for k in range(len(steps))], names, fontsize=8)
-        ax.set_xlabel("ms per step (median)")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        written.append(stem.with_name(stem.name + "_steps.png"))
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
+        written.append(_bar_chart(
+            plt, stem.with_name(stem.name + "_steps.png"), [f"{op} {case}" for (op, case, _, _), _ in steps],
+            {p: [_f(g.get(p), "ms_median") or 0 for _, g in steps] for p in ("fused", "reference")},
+            "ms per step (median)", log=False))
     return written
 
 
