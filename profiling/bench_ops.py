@@ -18,7 +18,9 @@ three on CUDA only: see ``COMPILED_ON_CPU``), and where an official code path ex
 (entropy percentile: U2PL's device-to-host copy and ``numpy.percentile``; graph: the official dense
 layer). Class-bank contrast adds ``matmul`` (its own product in PyTorch, a same-shape ceiling) and
 the entropy ``sort`` / ``fused_cuda`` on CUDA. Modes: ``fwd``, ``bwd``, ``fwd+bwd`` for losses,
-``fwd`` for statistics, ``graph`` for the MLLC similarity passes alone.
+``fwd`` for statistics, ``graph`` for the MLLC similarity passes alone. A case builder gives a
+provider it cannot run a reason string instead of closures (the dense graph providers at 64k nodes):
+the rows record it in ``note`` with no time.
 
 Class-bank contrast (5a, CTT) and the MLLC semantic graph (5b) are GEMM-bound: their rows give
 TFLOP/s for the useful products (contrast: anchors x bank, forward 1, backward 2; graph: the
@@ -414,12 +416,14 @@ def graph_mix_bench(shape, dtype, device):
     layers = {"fused": layer_loss(ops.graph_propagate, impl="triton"),
               "reference": layer_loss(ops.graph_propagate, impl="reference"),
               "compiled": layer_loss(compiled), "official": layer_loss(ref.official_dense_layer)}
+    skipped = {}
     if device.type == "cuda":
         need = _DENSE_NN * n * n * 4
         free = torch.cuda.mem_get_info(device)[0]
         if need > free:
-            print(f"graph_mix {n} nodes: reference, compiled and official skipped: about {need / 2**30:.0f} GiB "
-                  f"of N x N matrices against {free / 2**30:.0f} GiB free")
+            reason = (f"skipped: about {need / 2**30:.0f} GiB of N x N matrices for {n} nodes, "
+                      f"{free / 2**30:.0f} GiB free")
+            skipped = {name: reason for name in layers if name != "fused"}
             layers = {"fused": layers["fused"]}
     if dtype == torch.float32:
         # the providers must agree before any is timed (roundings and, rarely, a neighbour at theta
@@ -438,6 +442,7 @@ def graph_mix_bench(shape, dtype, device):
             graph_kernels.semantic_graph(zf[i, :, c:], k)
 
     providers["fused"]["graph"] = graph_passes
+    providers |= skipped  # the driver records a skipped provider's reason in its rows
     class_graph = 2 * n * n * (c + d) if official else 4 * n * c * c * d
     one_way = b * (2 * n * n * d + 2 * n * n * c + class_graph + 4 * n * (c * c + d * d))
     floors = {"fwd": ("flop", one_way), "bwd": ("flop", one_way), "fwd+bwd": ("flop", 2 * one_way),
@@ -539,6 +544,11 @@ def run(op_names, dtype_names, smoke: bool, device: torch.device, out: Path | No
             for dtype_name in dtype_names:
                 providers, floors = build(shape, DTYPES[dtype_name], device)
                 for provider, modes in providers.items():
+                    if isinstance(modes, str):  # a provider this case cannot run: recorded with the reason
+                        rows += [{**env, "device": device_name, "op": op, "case": case, "dtype": dtype_name,
+                                  "provider": provider, "mode": mode, "note": modes} for mode in floors]
+                        echo(f"{op:<11} {case:<8} {dtype_name:<5} {provider:<9} {modes}")
+                        continue
                     for mode, closure in modes.items():
                         if device.type == "cuda":
                             torch.cuda.synchronize()

@@ -194,6 +194,7 @@ def markdown(rows: list[Row], plots: list[Path] = (), relative_to: Path | None =
     for (op, case, dtype, mode), group in op_groups(rows).items():
         fused = group.get("fused")
         others = ", ".join(f"{p} {_fmt(_f(r, 'ms_median'))} ({_fmt(speedup(group, p), '.3g', 'x')})"
+                           if r.get("ms_median") else f"{p} {r.get('note') or 'n/a'}"
                            for p, r in group.items() if p != "fused")
         pct, kind = ceiling_pct(fused)
         body.append([op, case, dtype, mode, _fmt(_f(fused, "ms_median")), others or "-",

@@ -200,3 +200,20 @@ def test_compiled_reference_providers_run(monkeypatch):
         assert set(fwd) == {"reference", "compiled"}, op
         ref_out, compiled_out = (v[-1] if isinstance(v, tuple) else v for v in fwd.values())
         torch.testing.assert_close(compiled_out.float(), ref_out.float(), rtol=1e-4, atol=1e-5, msg=op)
+
+
+def test_skipped_providers_are_recorded_with_their_reason(tmp_path, monkeypatch):
+    from profiling import bench_ops, report
+
+    def build(shape, dtype, device):
+        x = torch.ones(4)
+        return {"fused": {"fwd": lambda: x * 2}, "official": "skipped: too big"}, {"fwd": x.numel() * 4}
+
+    monkeypatch.setitem(bench_ops.OPS, "fake", (lambda smoke: [("tiny", None)], build))
+    out = tmp_path / "r.csv"
+    rows = bench_ops.run(["fake"], ["fp32"], True, torch.device("cpu"), out, echo=lambda *a: None)
+    assert [(r["provider"], r["mode"], r.get("note", "")) for r in rows] == [
+        ("fused", "fwd", ""), ("official", "fwd", "skipped: too big")]
+    assert rows[1].get("ms_median") is None and float(rows[0]["ms_median"]) > 0
+    assert "| fake | tiny | fp32 | fwd |" in report.markdown(report.load(out))
+    assert "official skipped: too big" in report.markdown(report.load(out))
