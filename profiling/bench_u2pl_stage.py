@@ -7,13 +7,11 @@ One step of the stage, from the teacher/student outputs of a step to the anchor 
 this step's hard negatives into the per-class queues, the class prototypes, anchor and negative
 sampling, the loss and its backward. Two providers on the same inputs and the same queue state:
 
-* ``fused`` (the engine): the pieces ``semiseg_fast/methods/u2pl.py`` runs (``negative_mask``,
-  ``processed_rows``, ``prototypes``, ``sample_masked``, ``ClassMemoryBank.enqueue`` /
-  ``negatives_from_uniforms`` / ``flat_index``, ``ops.rank_mask``, ``ops.sampled_contrast``),
-  imported and called. The few lines of mask algebra that join them live inside
-  ``U2PL.augment`` (not a function), so ``engine_stage`` restates them; the proposed refactor is a
-  ``U2PL.contrast_inputs(...)`` method holding the "bank" and "sampling" blocks of ``augment``,
-  which this module would then call.
+* ``fused`` (the engine): the functions ``U2PL.augment`` calls for its "bank" and "sampling"
+  blocks (``contrast_targets``, ``enqueue_negatives``, ``draw_uniforms``, ``sample_contrast`` of
+  ``semiseg_fast/methods/u2pl.py``, on the GPU ring-buffer bank) and the loss of ``U2PL.losses``
+  (``ops.sampled_contrast``) with its backward, imported and called, so the benchmark times what
+  the method runs; the rank masks come from ``ops.rank_mask`` on the teacher probabilities.
 * ``official``: ``official_stage``, written from spec 5a with the official code's cost structure:
   per-class CPU queues as Python lists of tensors (cat, then keep the last ``cap`` rows), a
   Python loop over classes with boolean gathers, ``.item()`` per class, ``torch.randint`` on the
@@ -29,7 +27,7 @@ Per provider: ms per step (median, p20, p80 over the timed steps; wall clock aro
 step, since the official path's host work is the point), peak device memory above the inputs, and
 host synchronisations per step (``torch.cuda.set_sync_debug_mode("warn")``; CUDA only, blank on
 CPU). Rows go to ``profiling/results/<device>.csv`` with bench_ops' columns (op
-``u2pl_contrast_stage``, mode ``step``).
+``u2pl_contrast_stage``, mode ``stage``).
 
 Synthetic inputs: labels uniform over C (5 % ignored), the teacher's probabilities a softmax of
 scaled Gaussian logits with the label's logit raised (so ranks are data-dependent), the low/high
@@ -47,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from semiseg_fast import ops
-from semiseg_fast.engine.bank import ClassMemoryBank, prototypes, sample_masked
+from semiseg_fast.engine.bank import ClassMemoryBank
 from semiseg_fast.methods.common import IGNORE, to_rows
 from semiseg_fast.methods.u2pl import (
     DELTA_P,
@@ -55,8 +53,10 @@ from semiseg_fast.methods.u2pl import (
     LOW_RANK,
     NEG_PROB,
     TEMPERATURE,
-    negative_mask,
-    processed_rows,
+    contrast_targets,
+    draw_uniforms,
+    enqueue_negatives,
+    sample_contrast,
 )
 
 from .bench_ops import (
@@ -127,41 +127,25 @@ def engine_bank(size: StageSize, queues: list[torch.Tensor], device: torch.devic
 
 def engine_stage(inp: dict, bank: ClassMemoryBank, size: StageSize, u_anchor: torch.Tensor | None = None,
                  u_neg: torch.Tensor | None = None, generator: torch.Generator | None = None):
-    """One stage step as ``U2PL.augment`` ("bank", "sampling") and ``U2PL.losses`` run it; returns
-    (loss, anchor gradient rows [N, D]). Uniforms default to fresh device draws."""
-    c, dev = size.classes, inp["labels"].device
+    """One stage step with the functions ``U2PL.augment`` ("bank", "sampling") and ``U2PL.losses``
+    call; returns (loss, anchor gradient rows [N, D]). Uniforms default to fresh device draws."""
+    dev = inp["labels"].device
     labels = inp["labels"].reshape(-1)
-    low, high = inp["low"].reshape(-1), inp["high"].reshape(-1)
     rep_t = to_rows(inp["rep_t"])
-    prob_rows = to_rows(inp["prob"])
-    classes = torch.arange(c, device=dev)
-    onehot = labels.unsqueeze(1) == classes
-    side2 = inp["labels"].shape[1] * inp["labels"].shape[2]
-    is_labeled = (torch.arange(labels.numel(), device=dev) < inp["labeled"] * side2).unsqueeze(1)
-    low_valid = onehot & low.unsqueeze(1)
-    candidates = low_valid & (prob_rows > DELTA_P)
-    proto, _ = prototypes(rep_t, labels, c, valid=low)
-    present = low_valid.any(0)
-    num_valid = present.sum()
     rank_u, rank_l = (to_rows(r) for r in ops.rank_mask(inp["prob"], LOW_RANK, HIGH_RANK))
-    negative = negative_mask(labels, is_labeled, rank_l, rank_u, c, official=False)
-    negative = negative & high.unsqueeze(1) & (prob_rows < NEG_PROB)
-    n = rep_t.shape[0]
-    rows = torch.arange(n, device=dev).repeat(c)
-    bank.enqueue(rep_t, classes.repeat_interleave(n), negative.T.reshape(-1), rows=rows)
-
-    neg_class, row_ok = processed_rows(present, official=False)
+    side2 = inp["labels"].shape[1] * inp["labels"].shape[2]
+    candidates, proto, present, negative = contrast_targets(
+        rep_t, labels, inp["low"].reshape(-1), inp["high"].reshape(-1), to_rows(inp["prob"]), rank_u, rank_l,
+        inp["labeled"] * side2, official_q2=False)
+    enqueue_negatives(bank, rep_t, negative)
     if u_anchor is None:
-        u_anchor = torch.rand((c, size.anchors), generator=generator, device=dev, dtype=torch.float64)
-        u_neg = torch.rand((c, size.anchors, size.negatives), generator=generator, device=dev, dtype=torch.float64)
-    anchor_idx, n_candidates = sample_masked(candidates.T.contiguous(), u_anchor)
-    slots, has_negatives = bank.negatives_from_uniforms(neg_class, u_neg)
-    active = row_ok & (n_candidates > 0) & has_negatives & (num_valid > 1)
+        u_anchor, u_neg = draw_uniforms(generator, size.classes, dev, size.anchors, size.negatives)
+    sampled = sample_contrast(bank, candidates, present, u_anchor, u_neg, official_q1=False)
 
     rep = to_rows(inp["rep_s"]).detach().requires_grad_(True)
-    loss = ops.sampled_contrast(rep, proto, bank.keys().view(-1, bank.dim), anchor_idx,
-                                bank.flat_index(neg_class, slots), TEMPERATURE,
-                                num_valid=num_valid.clamp(min=1).float(), active=active)
+    loss = ops.sampled_contrast(rep, proto, bank.keys().view(-1, bank.dim), sampled["anchor_idx"],
+                                sampled["neg_idx"], TEMPERATURE, num_valid=sampled["num_valid"],
+                                active=sampled["active"])
     loss.backward()
     return loss.detach(), rep.grad
 

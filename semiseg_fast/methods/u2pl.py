@@ -91,6 +91,56 @@ def processed_rows(present: torch.Tensor, official: bool) -> tuple[torch.Tensor,
     return classes, present
 
 
+def contrast_targets(rep_t: torch.Tensor, labels: torch.Tensor, low: torch.Tensor, high: torch.Tensor,
+                     prob: torch.Tensor, rank_u: torch.Tensor, rank_l: torch.Tensor, num_labeled_rows: int,
+                     official_q2: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What one step's 1/4-grid rows give the contrast (spec section 1): rows [N] in raster order,
+    labeled images first (the first ``num_labeled_rows``); rep_t [N, D] teacher representation,
+    labels [N] (255 ignored), low / high [N] entropy masks, prob / rank_u / rank_l [N, C].
+
+    Returns (candidates [N, C]: anchors of class c, prototypes [C, D] of the low-entropy pixels,
+    present [C]: classes with low-entropy pixels, negative [N, C]: keys to enqueue for class c)."""
+    num_classes = prob.shape[1]
+    onehot = labels.unsqueeze(1) == torch.arange(num_classes, device=labels.device)  # ignored: no class
+    is_labeled = (torch.arange(labels.numel(), device=labels.device) < num_labeled_rows).unsqueeze(1)
+    low_valid = onehot & low.unsqueeze(1)
+    candidates = low_valid & (prob > DELTA_P)
+    proto, _ = prototypes(rep_t, labels, num_classes, valid=low)
+    negative = negative_mask(labels, is_labeled, rank_l, rank_u, num_classes, official_q2)
+    negative = negative & high.unsqueeze(1) & (prob < NEG_PROB)
+    return candidates, proto, low_valid.any(0), negative
+
+
+def enqueue_negatives(bank: ClassMemoryBank, keys: torch.Tensor, negative: torch.Tensor) -> None:
+    """Class by class, pixels in raster order: the official enqueue order. The bank writes the C N
+    (class, pixel) lanes N at a time, so no C N x D copy of the keys exists."""
+    n, num_classes = negative.shape
+    rows = torch.arange(n, device=keys.device).repeat(num_classes)
+    classes = torch.arange(num_classes, device=keys.device).repeat_interleave(n)
+    bank.enqueue(keys, classes, negative.T.reshape(-1), rows=rows)
+
+
+def draw_uniforms(generator: torch.Generator, num_classes: int, device: torch.device, anchors: int = NUM_ANCHORS,
+                  negatives: int = NUM_NEGATIVES) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step's sampling draws, anchors then negatives (the official order), float64 on the device."""
+    u_anchor = torch.rand((num_classes, anchors), generator=generator, device=device, dtype=torch.float64)
+    u_neg = torch.rand((num_classes, anchors, negatives), generator=generator, device=device, dtype=torch.float64)
+    return u_anchor, u_neg
+
+
+def sample_contrast(bank: ClassMemoryBank, candidates: torch.Tensor, present: torch.Tensor, u_anchor: torch.Tensor,
+                    u_neg: torch.Tensor, official_q1: bool) -> dict[str, torch.Tensor]:
+    """Anchor and negative indices of the C loss rows from the draws, and which rows count:
+    the index inputs of ``ops.sampled_contrast`` (anchor_idx, neg_idx, active, num_valid)."""
+    neg_class, row_ok = processed_rows(present, official_q1)
+    anchor_idx, n_candidates = sample_masked(candidates.T.contiguous(), u_anchor)
+    slots, has_negatives = bank.negatives_from_uniforms(neg_class, u_neg)
+    num_valid = present.sum()
+    return {"anchor_idx": anchor_idx, "neg_idx": bank.flat_index(neg_class, slots),
+            "active": row_ok & (n_candidates > 0) & has_negatives & (num_valid > 1),
+            "num_valid": num_valid.clamp(min=1).float()}
+
+
 class U2PL(Method):
     name = "u2pl"
     ARCH = "deeplabv3plus_u2pl"
@@ -156,41 +206,16 @@ class U2PL(Method):
             labeled_ok = y_l != IGNORE
             low = downsample_nearest(torch.cat((labeled_ok, (ent <= t_low) & valid_u)), grid).reshape(-1)
             high = downsample_nearest(torch.cat((labeled_ok, (ent >= t_high) & valid_u)), grid).reshape(-1)
-            prob_rows = to_rows(stats.prob)
-            classes = torch.arange(self.num_classes, device=labels.device)
-            onehot = labels.unsqueeze(1) == classes  # [N, C]; ignored pixels match no class
-            is_labeled = (torch.arange(labels.numel(), device=labels.device) < n_l * grid[0] * grid[1]).unsqueeze(1)
-
-            low_valid = onehot & low.unsqueeze(1)
-            candidates = low_valid & (prob_rows > DELTA_P)
-            proto, _ = prototypes(rep_t, labels, self.num_classes, valid=low)
-            present = low_valid.any(0)
-            num_valid = present.sum()
-
-            rank_u, rank_l = to_rows(stats.unlabeled), to_rows(stats.labeled)
-            negative = negative_mask(labels, is_labeled, rank_l, rank_u, self.num_classes, cfg.u2pl_official_q2)
-            negative = negative & high.unsqueeze(1) & (prob_rows < NEG_PROB)
-            # class by class, pixels in raster order: the official enqueue order. The bank writes
-            # the C N (class, pixel) lanes N at a time, so no C N x D copy of the keys exists.
+            candidates, proto, present, negative = contrast_targets(
+                rep_t, labels, low, high, to_rows(stats.prob), to_rows(stats.unlabeled), to_rows(stats.labeled),
+                n_l * grid[0] * grid[1], cfg.u2pl_official_q2)
             # under DDP every rank enqueues all ranks' keys, rank by rank (official concat_all_gather)
-            keys, negative = self.dist.gather(rep_t), self.dist.gather(negative)
-            n = keys.shape[0]
-            rows = torch.arange(n, device=labels.device).repeat(self.num_classes)
-            self.bank.enqueue(keys, classes.repeat_interleave(n), negative.T.reshape(-1), rows=rows)
+            enqueue_negatives(self.bank, self.dist.gather(rep_t), self.dist.gather(negative))
 
         with nvtx_range("sampling"):
-            neg_class, row_ok = processed_rows(present, cfg.u2pl_official_q1)
-            dev = labels.device
-            u_anchor = torch.rand((self.num_classes, NUM_ANCHORS), generator=generator, device=dev, dtype=torch.float64)
-            u_neg = torch.rand((self.num_classes, NUM_ANCHORS, NUM_NEGATIVES), generator=generator, device=dev,
-                               dtype=torch.float64)
-            anchor_idx, n_candidates = sample_masked(candidates.T.contiguous(), u_anchor)
-            slots, has_negatives = self.bank.negatives_from_uniforms(neg_class, u_neg)
-            batch["anchor_idx"] = anchor_idx
-            batch["neg_idx"] = self.bank.flat_index(neg_class, slots)
+            uniforms = draw_uniforms(generator, self.num_classes, labels.device)
+            batch.update(sample_contrast(self.bank, candidates, present, *uniforms, cfg.u2pl_official_q1))
             batch["proto"] = proto
-            batch["active"] = row_ok & (n_candidates > 0) & has_negatives & (num_valid > 1)
-            batch["num_valid"] = num_valid.clamp(min=1).float()
         return batch
 
     # -- the differentiable part ---------------------------------------------------------------
