@@ -120,6 +120,45 @@ def test_class_propagate_official_layout_streamed(h, w, c):
     assert (out[~empty].abs().sum(1) > 0).all()
 
 
+def _fused_with_grad(op, x, inputs, grad_seed=0, **kw):
+    """A fused op's output on inputs(x) and the gradient of (output . G) in x, the same G [N, ch]
+    for every image (drawn from grad_seed)."""
+    x = x.clone().requires_grad_(True)
+    out = op(*inputs(x), impl="triton", **kw)
+    first = out[0] if isinstance(out, tuple) else out
+    g = torch.randn(first.shape[-2:], generator=torch.Generator().manual_seed(grad_seed))
+    return out, torch.autograd.grad(first, x, g.expand_as(first))[0]
+
+
+def test_a_batch_of_graphs_is_each_image_on_its_own():
+    # [B, N, *] inputs run every image's graph in one launch per pass (the grid's image axis): the
+    # batch matches the float64 reference, and the kernels' results equal the one-graph calls bit
+    # for bit; the intended class graph runs batched GEMMs, equal up to their summation order
+    b, h, w, c = 2, 5, 7, 5
+    g = torch.Generator().manual_seed(21)
+    Z = torch.randn(b, h * w, c, generator=g) * 2
+    F = torch.randn(b, h * w, 12, generator=g)
+    F[1, 3:9] = F[1, 2]  # ties at theta in one image only
+    eta = torch.rand(c, generator=g)
+    y = check_mix(Z, F, eta, k=6)[1]
+    (mixed, y_b, m), dz = _fused_with_grad(ops.graph_mix, Z, lambda z: (z, F, eta), k=6, threshold=0.8)
+    for i in range(b):
+        (one, y_i, m_i), dz_i = _fused_with_grad(ops.graph_mix, Z[i], lambda z: (z, F[i], eta), k=6, threshold=0.8)
+        assert torch.equal(y_i, y_b[i]) and torch.equal(m_i, m[i])
+        assert torch.equal(one, mixed[i]) and torch.equal(dz_i, dz[i])
+    for official in (False, True):
+        check_class(Z, y, F, official=official, h=h, w=w)
+        out, df = _fused_with_grad(ops.class_propagate, F, lambda f: (Z, y, f), official_layout=official, h=h, w=w)
+        for i in range(b):
+            one, df_i = _fused_with_grad(ops.class_propagate, F[i], lambda f: (Z[i], y[i], f),
+                                         official_layout=official, h=h, w=w)
+            if official:
+                assert torch.equal(one, out[i]) and torch.equal(df_i, df[i])
+            else:
+                torch.testing.assert_close(one, out[i], rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(df_i, df[i], rtol=1e-5, atol=1e-6)
+
+
 def test_official_layout_with_h1_is_the_intended_mask():
     # h = 1: the scramble is the identity, so the streamed kernel and the rank-C form agree
     Z, F, _ = case(n=37, seed=6)
@@ -201,7 +240,10 @@ def test_graph_mix_exact_similarities_with_many_ties():
 
 @pytest.mark.gpu
 def test_mllc_voc_graph_on_gpu_without_syncs():
-    Z, F, eta = exact_case(41 * 41, device="cuda", seed=6)
+    # MLLC at VOC: a batch of 10 per-image graphs of 41 x 41 nodes, one launch per pass
+    images = [exact_case(41 * 41, device="cuda", seed=6 + i) for i in range(10)]
+    Z, F = (torch.stack([im[j] for im in images]) for j in range(2))
+    eta = images[0][2]
     # floor 1e-5: |Z| ~ 2 and fp32 sums over ~25 neighbours (ties included)
     check_mix(Z, F, eta, k=21, floor=1e-5)
     z = Z.clone().requires_grad_(True)

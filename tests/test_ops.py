@@ -295,6 +295,10 @@ def _opcheck_cases():
                                                         0.5, 1e-12, "reference")),
         "graph_mix": (s.graph_mix, (Z, F.detach(), eta, 4, 0.9, "reference")),
         "class_propagate": (s.class_propagate, (Z.detach(), y, F, True, 3, 4, "reference")),
+        "graph_mix_batch": (s.graph_mix, (Z.expand(2, -1, -1).contiguous(), F.detach().expand(2, -1, -1).contiguous(),
+                                          eta, 4, 0.9, "reference")),
+        "class_propagate_batch": (s.class_propagate, (Z.detach().expand(2, -1, -1).contiguous(), y.expand(2, -1),
+                                                      F.expand(2, -1, -1).contiguous(), True, 3, 4, "reference")),
         # The backward ops on their own (no double backward: plain inputs).
         "spatial_kl_backward": (s.spatial_kl_backward, (
             torch.randn(2, dtype=F64), p, q.detach(), torch.zeros(2, 2, p.shape[1]), torch.ones(2), 2.0, 0.4,
@@ -551,6 +555,13 @@ def _bad_calls():
         ("h, w", ValueError, lambda: gp(Z, F, eta, conv_z, conv_f, k=4, official_layout=True)),
         ("conv_z, conv_f", TypeError, lambda: gp(Z, F, eta, None, conv_f, k=4)),
         ("y", TypeError, lambda: ops.class_propagate(Z, Z[:, 0], F)),
+        # a batch of graphs: [B, N, *] nodes, [B, N] labels
+        ("Z", ValueError, lambda: gp(Z[None, None], F, eta, conv_z, conv_f)),
+        ("F", ValueError, lambda: gp(Z[None], F, eta, conv_z, conv_f)),
+        ("F", ValueError, lambda: gp(Z.expand(2, -1, -1), F.expand(3, -1, -1), eta, conv_z, conv_f)),
+        ("k", ValueError, lambda: gp(Z[None], F[None], eta, conv_z, conv_f, k=13)),
+        ("y", ValueError, lambda: ops.class_propagate(Z[None], torch.zeros(Z.shape[0], dtype=torch.long),
+                                                      F[None])),
     ]
 
 

@@ -127,6 +127,21 @@ def test_official_layout_needs_map_size():
         class_graph(P2, torch.zeros(6, dtype=torch.int64), h=4, w=2)
 
 
+def test_batched_onehot_and_lowrank_are_per_image():
+    # [B, N, *]: every image its own graph (ops/graph.py runs MLLC's images as one batch)
+    h, w, C = 3, 5, 4
+    P2 = torch.softmax(torch.randn(3, h * w, C, dtype=torch.float64) * 3, dim=-1)
+    y = torch.randint(0, C, (3, h * w))
+    X = torch.randn(3, h * w, 6, dtype=torch.float64)
+    onehot = official_onehot(y, C, h, w)
+    got = class_graph_lowrank(P2, y, X)
+    for i in range(3):
+        assert torch.equal(onehot[i], official_onehot(y[i], C, h, w))
+        torch.testing.assert_close(got[i], class_graph(P2[i], y[i]) @ X[i], rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="P2, y, X"):
+        class_graph_lowrank(P2, y[0], X)
+
+
 def test_lowrank_class_graph_equals_dense():
     P2 = torch.softmax(torch.randn(29, 5, dtype=torch.float64) * 3, dim=1)
     y = torch.randint(0, 4, (29,))  # class 4 absent

@@ -82,15 +82,11 @@ class G2Layer(nn.Module):
             z_all, f_all = ops.graph_propagate(to_rows(z), to_rows(f), eta, self.conv_z, self.conv_f,
                                                k=min(K_NEIGHBOURS, b * h * w), threshold=CONF)
             return (z_all.reshape(b, h, w, -1).permute(0, 3, 1, 2), f_all.reshape(b, h, w, -1).permute(0, 3, 1, 2))
-        k = min(K_NEIGHBOURS, h * w)
-        zs, fs = [], []
-        for i in range(b):
-            z_i, f_i = ops.graph_propagate(z[i].reshape(c, h * w).T, f[i].reshape(f.shape[1], h * w).T, eta,
-                                           self.conv_z, self.conv_f, k=k, official_layout=self.official_mask,
-                                           h=h, w=w, threshold=CONF)
-            zs.append(z_i.T.reshape(-1, h, w))
-            fs.append(f_i.T.reshape(-1, h, w))
-        return torch.stack(zs), torch.stack(fs)
+        # one graph per image, all images in one op call (one kernel launch per pass)
+        z_all, f_all = ops.graph_propagate(z.flatten(2).transpose(1, 2), f.flatten(2).transpose(1, 2), eta,
+                                           self.conv_z, self.conv_f, k=min(K_NEIGHBOURS, h * w),
+                                           official_layout=self.official_mask, h=h, w=w, threshold=CONF)
+        return z_all.transpose(1, 2).reshape(b, -1, h, w), f_all.transpose(1, 2).reshape(b, -1, h, w)
 
 
 class MLLCNet(nn.Module):

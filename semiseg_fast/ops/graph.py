@@ -1,4 +1,8 @@
-"""MLLC graph propagation (one G2Net layer on one image) as custom ops (spec/methods.md 5b).
+"""MLLC graph propagation (one G2Net layer) as custom ops (spec/methods.md 5b).
+
+Every op takes one graph (nodes [N, *]) or a batch of independent graphs of the same size
+(nodes [B, N, *], labels and masks [B, N]): MLLC's per-image graphs run as one batch, so the
+kernels launch once per pass for all images instead of once per image.
 
 Custom ops cannot take the layer's 1x1-conv modules, and the class graph of the second half is
 built from the *output* of ``conv_z``, so the layer is two ops with the convs applied between
@@ -31,6 +35,7 @@ takes state=None, then the kernel rebuilds its graph too),
 ``class_propagate(logits, y, F, official_layout, h, w) -> F'``,
 ``class_propagate_backward(grad, logits, y, official_layout, h, w) -> dF``.
 """
+import functools
 from collections.abc import Callable
 
 import torch
@@ -39,9 +44,28 @@ from torch import Tensor
 from .. import reference as ref
 from . import _dispatch as d
 
+
 _PATH = d.HotPath("graph")
 
 Conv = Callable[[Tensor], Tensor]
+
+
+def _per_image(*batched: int) -> Callable[[Callable], Callable]:
+    """Run a one-graph reference on each graph of a batch. A batch is recognised by a 3-D first
+    argument; the arguments at the positions ``batched`` are then sliced per image (None stays
+    None), the others are shared, and the outputs are stacked."""
+    def wrap(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def run(*args):
+            if args[0].dim() == 2:
+                return fn(*args)
+            outs = [fn(*(a[i] if j in batched and a is not None else a for j, a in enumerate(args)))
+                    for i in range(args[0].shape[0])]
+            if isinstance(outs[0], tuple):
+                return tuple(torch.stack(parts) for parts in zip(*outs))
+            return torch.stack(outs)
+        return run
+    return wrap
 
 
 def _z_grad(a_hat: Tensor, mask: Tensor, grad: Tensor) -> Tensor:
@@ -55,6 +79,7 @@ def _f_grad(q_hat: Tensor, grad: Tensor) -> Tensor:
     return ref.graph_propagate_grad(q_hat[:0, :0], q_hat, no_mask, grad[:0, :0], grad)[1]
 
 
+@_per_image(0, 1)
 def _reference_mix(Z: Tensor, F: Tensor, eta: Tensor, k: int,
                    threshold: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     dt = d.compute_dtype(Z.dtype)
@@ -72,6 +97,7 @@ def _reference_mix(Z: Tensor, F: Tensor, eta: Tensor, k: int,
     return mixed.to(Z.dtype), y, mask, state
 
 
+@_per_image(0, 1, 2, 4)
 def _reference_mix_backward(grad: Tensor, F: Tensor, mask: Tensor, k: int,
                             state: Tensor | None) -> Tensor:
     dt = d.compute_dtype(grad.dtype)
@@ -84,6 +110,7 @@ def _class_graph(logits: Tensor, y: Tensor, official_layout: bool, h: int | None
     return ref.class_graph(torch.softmax(logits, dim=1), y, official_layout, h, w)
 
 
+@_per_image(0, 1, 2)
 def _reference_propagate(logits: Tensor, y: Tensor, F: Tensor, official_layout: bool,
                          h: int | None, w: int | None) -> Tensor:
     dt = d.compute_dtype(F.dtype)
@@ -91,6 +118,7 @@ def _reference_propagate(logits: Tensor, y: Tensor, F: Tensor, official_layout: 
     return (q_hat @ F.to(dt)).to(F.dtype)
 
 
+@_per_image(0, 1, 2)
 def _reference_propagate_backward(grad: Tensor, logits: Tensor, y: Tensor,
                                   official_layout: bool, h: int | None,
                                   w: int | None) -> Tensor:
@@ -107,9 +135,9 @@ def _mix_op(Z: Tensor, F: Tensor, eta: Tensor, k: int, threshold: float,
 
 @_mix_op.register_fake
 def _(Z, F, eta, k, threshold, impl):
-    n = Z.shape[0]
-    return (Z.new_empty(Z.shape), Z.new_empty((n,), dtype=torch.int64),
-            Z.new_empty((n,), dtype=torch.bool), Z.new_empty((n, 2), dtype=torch.float32))
+    nodes = Z.shape[:-1]
+    return (Z.new_empty(Z.shape), Z.new_empty(nodes, dtype=torch.int64),
+            Z.new_empty(nodes, dtype=torch.bool), Z.new_empty((*nodes, 2), dtype=torch.float32))
 
 
 @torch.library.custom_op("semiseg::graph_mix_backward", mutates_args=())
@@ -200,26 +228,35 @@ def _check_layout(n: int, official_layout: bool, h: int | None, w: int | None) -
         raise ValueError("h, w: official_layout=True needs the map size h, w")
 
 
+def _check_rows(name: str, x: Tensor, layout: str, like: tuple[str, Tensor] | None = None) -> None:
+    """x is node rows [N, ch] (one graph) or [B, N, ch] (B graphs), with the graph and node
+    dimensions of ``like`` = (its name, tensor) when given."""
+    ndim = x.dim() if isinstance(x, Tensor) and x.dim() in (2, 3) else 2  # else check_float raises
+    d.check_float(name, x, f"{layout} (one graph) or [B, {layout[1:]} (a batch of graphs)", ndim)
+    if like is not None and x.shape[:-1] != like[1].shape[:-1]:
+        raise ValueError(f"{name}: expected the graphs and nodes of {like[0]}, {tuple(like[1].shape[:-1])}, "
+                         f"got {tuple(x.shape)}")
+
+
 def _check_nodes(Z: Tensor, F: Tensor) -> None:
-    d.check_float("Z", Z, "node logits [N, C]", 2)
-    d.check_float("F", F, "node features [N, D]", 2)
+    _check_rows("Z", Z, "[N, C]")
+    _check_rows("F", F, "[N, D]", ("Z", Z))
     d.check_like("F", F, "Z", Z)
-    if F.shape[0] != Z.shape[0]:
-        raise ValueError(f"F: expected N = {Z.shape[0]} rows like Z, got {tuple(F.shape)}")
-    if Z.shape[0] < 1 or Z.shape[1] < 1:
-        raise ValueError(f"Z: expected at least one node and one class, got {tuple(Z.shape)}")
+    if Z.numel() == 0:
+        raise ValueError(f"Z: expected at least one graph, node and class, got {tuple(Z.shape)}")
 
 
 def graph_mix(Z: Tensor, F: Tensor, eta: Tensor, k: int = 21, threshold: float = 0.95, *,
               impl: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """First half of the layer: (Z' [N, C], y int64 [N], m bool [N]) from Z [N, C], F [N, D].
+    """First half of the layer: (Z' [N, C], y int64 [N], m bool [N]) from Z [N, C], F [N, D]
+    (or [B, N, *], [B, N]: B graphs of N nodes each, all in one launch per pass).
 
     m_i = [conf_i >= threshold or conf_i >= eta_{y_i}], y = argmax softmax(Z) (first on ties),
     A^ = normalised symmetric kNN graph of F (k neighbours incl. self). Z gets the gradient
     A^(l1 g) + l2 g; F and eta get none here.
     """
     _check_nodes(Z, F)
-    n, c = Z.shape
+    n, c = Z.shape[-2:]
     d.check_tensor("eta", eta)
     d.check_like("eta", eta, "Z", Z, dtype=False)
     if eta.dtype not in d.FLOAT_DTYPES:
@@ -240,46 +277,49 @@ def class_propagate(logits: Tensor, y: Tensor, F: Tensor, official_layout: bool 
     """Second half of the layer: F' = Q^ F [N, D], Q^ the class graph of softmax(logits), y.
 
     logits [N, C'] (the output of conv_z; a constant here), y int [N] labels from
-    :func:`graph_mix`. M_ij = [y_i = y_j] by default; ``official_layout=True`` (needs h, w)
-    reproduces the official scrambled mask. F gets the gradient Q^ g.
+    :func:`graph_mix` (or [B, N, *], [B, N]: B graphs). M_ij = [y_i = y_j] by default;
+    ``official_layout=True`` (needs h, w) reproduces the official scrambled mask. F gets the
+    gradient Q^ g.
     """
-    d.check_float("logits", logits, "[N, C]", 2)
-    n = logits.shape[0]
-    d.check_float("F", F, "node features [N, D]", 2)
+    _check_rows("logits", logits, "[N, C]")
+    _check_rows("F", F, "[N, D]", ("logits", logits))
     d.check_like("F", F, "logits", logits, dtype=False)
-    if F.shape[0] != n:
-        raise ValueError(f"F: expected N = {n} rows like logits, got {tuple(F.shape)}")
     d.check_tensor("y", y)
     d.check_like("y", y, "logits", logits, dtype=False)
     d.check_dtype("y", y, d.INDEX_DTYPES)
-    d.check_shape("y", y, (n,), "[N]")
-    _check_layout(n, official_layout, h, w)
+    nodes = tuple(logits.shape[:-1])
+    d.check_shape("y", y, nodes, "[N]" if len(nodes) == 1 else "[B, N]")
+    _check_layout(nodes[-1], official_layout, h, w)
     mode = _PATH.resolve(impl, "class_propagate", "class_propagate_backward")
     return torch.ops.semiseg.class_propagate(logits.detach(), y, F, official_layout, h, w, mode)
 
 
 def _pointwise(conv: Conv, x: Tensor, h: int, w: int) -> Tensor:
-    """Apply a 1x1-conv callable on NCHW [1, ch, h, w] to node rows x [N, ch]."""
-    out = conv(x.T.reshape(1, x.shape[1], h, w))
-    return out.reshape(out.shape[1], h * w).T
+    """Apply a 1x1-conv callable on NCHW [B, ch, h, w] to node rows x [N, ch] (B = 1) or [B, N, ch]."""
+    rows = x if x.dim() == 3 else x[None]
+    out = conv(rows.transpose(1, 2).reshape(rows.shape[0], rows.shape[2], h, w))
+    out = out.flatten(2).transpose(1, 2)
+    return out if x.dim() == 3 else out[0]
 
 
 def graph_propagate(Z: Tensor, F: Tensor, eta: Tensor, conv_z: Conv, conv_f: Conv,
                     k: int = 21, official_layout: bool = False, h: int | None = None,
                     w: int | None = None, threshold: float = 0.95, *,
                     impl: str | None = None) -> tuple[Tensor, Tensor]:
-    """One G2Net layer on one image, as ``reference.graph_propagate`` (same arguments).
+    """One G2Net layer on one image, as ``reference.graph_propagate`` (same arguments), or on a
+    batch of images, each its own graph.
 
-    Z [N, C] logits, F [N, D] embeddings, eta [C] per-class thresholds; conv_z / conv_f are
-    callables on NCHW [1, ch, h, w] (the map is [1, ch, N, 1] without h, w, which is the same
-    for 1x1 convs), applied outside the ops so their parameters train by ordinary autograd.
-    Returns (Z'' [N, C'], F'' [N, D']).
+    Z [N, C] logits, F [N, D] embeddings (or [B, N, C], [B, N, D]), eta [C] per-class
+    thresholds; conv_z / conv_f are callables on NCHW [B, ch, h, w] (the map is [B, ch, N, 1]
+    without h, w, which is the same for 1x1 convs), applied outside the ops so their parameters
+    train by ordinary autograd. Returns (Z'' [N, C'], F'' [N, D']) (or [B, N, *]).
     """
     _check_nodes(Z, F)
-    _check_layout(Z.shape[0], official_layout, h, w)
+    n = Z.shape[-2]
+    _check_layout(n, official_layout, h, w)
     if not callable(conv_z) or not callable(conv_f):
-        raise TypeError("conv_z, conv_f: expected callables on [1, ch, h, w] tensors")
-    hh, ww = (Z.shape[0], 1) if h is None else (h, w)
+        raise TypeError("conv_z, conv_f: expected callables on [B, ch, h, w] tensors")
+    hh, ww = (n, 1) if h is None else (h, w)
     z_mixed, y, _ = graph_mix(Z, F, eta, k, threshold, impl=impl)
     z_out = _pointwise(conv_z, z_mixed, hh, ww)
     f_graph = class_propagate(z_out, y, F, official_layout, h, w, impl=impl)

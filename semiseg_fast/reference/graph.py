@@ -32,7 +32,7 @@ Conv = Callable[[Tensor], Tensor]
 
 
 def _unit_rows(x: Tensor) -> Tensor:
-    return x / (torch.norm(x, dim=1, keepdim=True) + 1e-9)
+    return x / (torch.norm(x, dim=-1, keepdim=True) + 1e-9)
 
 
 def _clamped_gram(x_unit: Tensor) -> Tensor:
@@ -66,9 +66,10 @@ def semantic_graph(F: Tensor, k: int = 21) -> Tensor:
 
 
 def official_onehot(y: Tensor, num_classes: int, h: int, w: int) -> Tensor:
-    """The official code's scrambled one-hot OH' [N, C] (permute [h, w, C] -> [w, C, h])."""
-    onehot = nnf.one_hot(y.reshape(h, w), num_classes)
-    return onehot.permute(1, 2, 0).reshape(h * w, num_classes)
+    """The official code's scrambled one-hot OH' [N, C] (permute [h, w, C] -> [w, C, h]) of labels
+    y [N], or [..., N, C] of y [..., N], image by image."""
+    onehot = nnf.one_hot(y.reshape(-1, h, w), num_classes)
+    return onehot.permute(0, 2, 3, 1).reshape(*y.shape[:-1], h * w, num_classes)
 
 
 def _check_layout(n: int, official_layout: bool, h: int | None, w: int | None) -> None:
@@ -110,18 +111,20 @@ def class_graph_lowrank(P2: Tensor, y: Tensor, X: Tensor) -> Tensor:
     the C per-class [C, D] matrices and Q^ X = e W blocks; the largest intermediate is W, C^2 per
     node (a per-node gather of the blocks would be C D per node). Differentiable in X; P2 and y
     carry no gradient. Equal to ``class_graph(P2, y) @ X`` up to rounding (sums are regrouped).
+    With a leading batch dimension ([B, N, C], [B, N], [B, N, D]) every image is its own graph.
     """
-    if P2.dim() != 2 or y.shape != P2.shape[:1] or X.dim() != 2 or X.shape[0] != P2.shape[0]:
-        raise ValueError(f"P2, y, X: expected [N, C], [N], [N, D], got {tuple(P2.shape)}, "
-                         f"{tuple(y.shape)}, {tuple(X.shape)}")
-    n, c = P2.shape
+    if (P2.dim() not in (2, 3) or y.shape != P2.shape[:-1] or X.dim() != P2.dim()
+            or X.shape[:-1] != P2.shape[:-1]):
+        raise ValueError(f"P2, y, X: expected [N, C], [N], [N, D] or [B, N, C], [B, N], [B, N, D], got "
+                         f"{tuple(P2.shape)}, {tuple(y.shape)}, {tuple(X.shape)}")
+    c = P2.shape[-1]
     unit = _unit_rows(P2.detach())
     onehot = nnf.one_hot(y.long(), c).to(unit.dtype)
-    weights = (onehot[:, :, None] * unit[:, None, :]).reshape(n, c * c)
-    class_sums = weights.sum(dim=0)  # s_c, flattened [C * C]
-    e = torch.pow(weights @ class_sums + 1e-10, -0.5)
-    blocks = weights.T.to(X.dtype) @ (e[:, None] * X)
-    return e[:, None] * (weights.to(X.dtype) @ blocks)
+    weights = (onehot[..., :, None] * unit[..., None, :]).flatten(-2)  # [..., N, C * C]
+    class_sums = weights.sum(dim=-2, keepdim=True)  # s_c, flattened [..., 1, C * C]
+    e = torch.pow(weights @ class_sums.transpose(-1, -2) + 1e-10, -0.5)  # [..., N, 1]
+    blocks = weights.transpose(-1, -2).to(X.dtype) @ (e * X)
+    return e * (weights.to(X.dtype) @ blocks)
 
 
 def _confidence_mask(Z: Tensor, eta: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
