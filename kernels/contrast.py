@@ -17,7 +17,7 @@ several times gets the sum, bit-reproducibly when ``torch.use_deterministic_algo
 [C * Q, D], streamed in column tiles through ``tl.dot`` on the tensor cores, never materialising
 the N x CQ logits the official code keeps three copies of; extra memory is O(N + C Q D). Inputs
 go to the dot as given: bf16/fp16 unit rows (fp32 accumulation); fp32 at IEEE or TF32 precision
-by ``precision`` ("auto" follows ``torch.get_float32_matmul_precision()``, see
+by ``precision`` ("auto" follows PyTorch's float32 matmul precision, see
 ``resolve_precision``). Anchors are normalised in the kernel and visited in label order (one
 device sort), so a block holds one or two classes.
 Pass 1 keeps NEG_p = sum of e^{s/t} over the valid entries of the other classes as a running max
@@ -230,7 +230,9 @@ def _bank_kernel(z_ptr, order_ptr, lab_ptr, pos_ptr, g_ptr, fill_ptr, scale_ptr,
     zmask = p_ok[:, None] & d_ok[None, :]
     zh, zn = _unit_rows(z_ptr, zrow, zmask)
     zd = zh.to(g_ptr.dtype.element_ty)  # the dot operand: fp32, or bf16/fp16 as the inputs
-    lo = tl.min(tl.where(anchor, lab, NCOL), axis=0) * Q  # columns of the block's classes
+    # columns of the block's classes; no anchor -> class C, so lo = C Q = NCOL (a class-index
+    # sentinel: NCOL * Q would overflow int32 for big banks)
+    lo = tl.min(tl.where(anchor, lab, NCOL // tl.maximum(Q, 1)), axis=0) * Q
     hi = (tl.max(tl.where(anchor, lab, -1), axis=0) + 1) * Q
     ncol = tl.where(hi > 0, NCOL, 0)  # a block without anchors skips every pass
     if LC:  # the positive's cosine first: its rows need not stay live through the loops
@@ -325,9 +327,10 @@ def resolve_precision(precision: str, dtype: torch.dtype) -> str:
     """``tl.dot`` input precision for bank dtype ``dtype`` under the op's ``precision`` argument.
 
     bf16/fp16 go to the tensor cores as given (fp32 accumulation). fp32: "ieee" or "tf32" as
-    asked; "auto" follows PyTorch's own switch for fp32 matmuls, read at each launch:
-    ``torch.get_float32_matmul_precision()`` "highest" (the default, also what
-    ``allow_tf32 = False`` sets) -> IEEE, "high"/"medium" -> TF32.
+    asked; "auto" follows PyTorch's own switch for fp32 matmuls, read at the launch
+    (``ops._dispatch.fp32_matmul_precision``: "highest", the default, -> IEEE; "high"/"medium"
+    or ``fp32_precision = "tf32"`` -> TF32). The op's autograd pins the forward's choice for the
+    backward.
     Why: the logits are cos / t fed to exp, so TF32's 2^-11 rounding of the unit rows moves a
     logit by up to ~2^-10 / t (1e-2 at t = 0.1), which is why IEEE stays the default; a user who
     opted into TF32 for the model's matmuls expects it here too, and the reference then runs its
@@ -338,7 +341,9 @@ def resolve_precision(precision: str, dtype: torch.dtype) -> str:
     if dtype != torch.float32:
         return "tf32"  # ignored by tl.dot for 16-bit operands; the default there
     if precision == "auto":
-        return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+        from semiseg_fast.ops._dispatch import fp32_matmul_precision  # here: ops imports kernels
+
+        return fp32_matmul_precision()
     return precision
 
 
@@ -354,11 +359,13 @@ def _bank_launch(z, labels, bank, positive, fill, mode, temperature, eps, precis
     lc = mode == "lc"
     half = z.dtype in (torch.float16, torch.bfloat16)
     dot_precision = resolve_precision(precision, z.dtype)
-    # unit bank rows, rounded once to the dot dtype (O(C Q D), the size of the bank itself)
+    # unit bank rows, rounded once to the dot dtype (O(C Q D), the size of the bank itself); slots
+    # past fill zeroed: the kernel masks them, but a masked inf would still make 0 * inf = NaN
+    counts = torch.full((c,), q, dtype=torch.int32, device=device) if fill is None else fill.to(torch.int32)
     gf = bank.reshape(c * q, d).float()
     gn = gf.norm(dim=1, keepdim=True)
-    g = torch.where(gn > 0, gf / gn, 0.0).to(z.dtype if half else torch.float32)
-    counts = torch.full((c,), q, dtype=torch.int32, device=device) if fill is None else fill.to(torch.int32)
+    in_fill = (torch.arange(q, device=device) < counts[:, None]).reshape(c * q, 1)
+    g = torch.where(in_fill & (gn > 0), gf / gn, 0.0).to(z.dtype if half else torch.float32)
     lab = labels.long()
     # per-class anchor counts and which classes count in the mean (HC: a non-empty bank too)
     is_anchor = (lab >= 0) & (lab < c)

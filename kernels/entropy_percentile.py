@@ -57,7 +57,8 @@ _SIGN = 0x80000000  # host-side key arithmetic only
 def _softmax_cols(x, c_ok):
     """Channel softmax of a [BLOCK_C, BLOCK_J] fp32 tile whose padded classes hold -inf.
 
-    Padded pixel columns (all -inf) get a 0 shift instead of -inf so they stay NaN-free."""
+    All -inf columns (padded pixels) get a 0 shift instead of -inf, so the shift itself is never
+    NaN; their probabilities are 0/0 = NaN and are never stored."""
     x_max = tl.max(x, axis=0)
     x_max = tl.where(x_max == float("-inf"), 0.0, x_max)
     e = tl.where(c_ok[:, None], tl.exp(x - x_max[None, :]), 0.0)
@@ -86,9 +87,10 @@ def _rank_bits(p, offs_c, C, low, high, BLOCK_C: tl.constexpr):
 
 @triton.jit
 def _entropy_kernel(x_ptr, out_ptr, C, HW, BLOCK_C: tl.constexpr, BLOCK_J: tl.constexpr):
-    b = tl.program_id(0)
+    # pixel tiles on grid axis 0 (up to 2^31 - 1; axis 1 stops at 65535 = 8.4M pixels per image)
+    b = tl.program_id(1)
     offs_c = tl.arange(0, BLOCK_C)
-    offs_j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
+    offs_j = tl.program_id(0).to(tl.int64) * BLOCK_J + tl.arange(0, BLOCK_J)
     c_ok = offs_c < C
     j_ok = offs_j < HW
     ptrs = x_ptr + b.to(tl.int64) * C * HW + offs_c[:, None].to(tl.int64) * HW + offs_j[None, :]
@@ -138,9 +140,13 @@ def _output_grid_tile(x_ptr, ent_ptr, maxp_ptr, arg_ptr, tile, C, h, w, H, W, fi
     if WANT_MAX:
         tl.store(maxp_ptr + out, tl.max(p, axis=0), mask=j_ok)
     if WANT_ARG:
-        # arg-max of the logits, lowest class among equal maxima (torch.argmax's rule)
-        first = tl.min(tl.where(c_ok[:, None] & (x == x_max[None, :]), offs_c[:, None], BLOCK_C), axis=0)
-        tl.store(arg_ptr + out, first.to(tl.int64), mask=j_ok)
+        # torch.argmax's rule: the first NaN class if any, else the lowest class among equal
+        # maxima; compared with the raw maximum, since x_max is shifted to 0 where all are -inf
+        raw_max = tl.max(x, axis=0)
+        first_max = tl.min(tl.where(c_ok[:, None] & (x == raw_max[None, :]), offs_c[:, None], BLOCK_C), axis=0)
+        first_nan = tl.min(tl.where(c_ok[:, None] & (x != x), offs_c[:, None], BLOCK_C), axis=0)
+        first = tl.where(first_nan < BLOCK_C, first_nan, first_max)
+        tl.store(arg_ptr + out, tl.minimum(first, C - 1).to(tl.int64), mask=j_ok)
 
 
 @triton.jit
@@ -217,9 +223,9 @@ def _radix_hist_kernel(x_ptr, valid_ptr, prefix_ptr, hist_ptr, nan_ptr, N, shift
 @triton.jit
 def _rank_mask_kernel(p_ptr, unl_ptr, lab_ptr, C, HW, low, high,
                       BLOCK_C: tl.constexpr, BLOCK_J: tl.constexpr):
-    b = tl.program_id(0)
+    b = tl.program_id(1)  # pixel tiles on axis 0, as in _entropy_kernel
     offs_c = tl.arange(0, BLOCK_C)
-    offs_j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
+    offs_j = tl.program_id(0).to(tl.int64) * BLOCK_J + tl.arange(0, BLOCK_J)
     io_mask = (offs_c < C)[:, None] & (offs_j < HW)[None, :]
     offs = b.to(tl.int64) * C * HW + offs_c[:, None].to(tl.int64) * HW + offs_j[None, :]
     p = tl.load(p_ptr + offs, mask=io_mask, other=0.0).to(tl.float32)
@@ -337,7 +343,7 @@ def entropy_percentile(logits, q, valid):
     b, c, h, w = logits.shape
     ent = torch.empty((b, h, w), dtype=torch.float32, device=logits.device)
     if ent.numel():
-        _entropy_kernel[(b, triton.cdiv(h * w, _BLOCK_J))](logits, ent, c, h * w, BLOCK_C=triton.next_power_of_2(c),
+        _entropy_kernel[(triton.cdiv(h * w, _BLOCK_J), b)](logits, ent, c, h * w, BLOCK_C=triton.next_power_of_2(c),
                                                            BLOCK_J=_BLOCK_J)
     return ent, _percentiles_fp32(ent, q, valid)
 
@@ -352,7 +358,7 @@ def rank_mask(prob, low_rank, high_rank):
     unl = torch.empty(prob.shape, dtype=torch.int8, device=prob.device)
     lab = torch.empty(prob.shape, dtype=torch.int8, device=prob.device)
     if prob.numel():
-        _rank_mask_kernel[(b, triton.cdiv(hw, _BLOCK_LOGIT))](prob, unl, lab, c, hw, low_rank, high_rank,
+        _rank_mask_kernel[(triton.cdiv(hw, _BLOCK_LOGIT), b)](prob, unl, lab, c, hw, low_rank, high_rank,
                                                               BLOCK_C=triton.next_power_of_2(c),
                                                               BLOCK_J=_BLOCK_LOGIT)
     return unl.view(torch.bool), lab.view(torch.bool)

@@ -28,7 +28,7 @@ three TF32 tensor-core products (big x big + big x small + small x big) that car
 (~2^-22 relative per term, the dropped small x small), where plain TF32 (10-bit mantissa, ~1e-3)
 would move pixels across theta and far off the fp32 reference, and "ieee" runs on the FMA units
 (no tensor cores, ~1/7 of H100's TF32 rate). Each tile is still recomputed bit-identically across
-the passes, so theta stays self-consistent. "ieee" is one constant away for a GPU A/B measurement.
+the passes, so theta stays self-consistent. "ieee" is one constant away (`profiling/tune.py` sweeps both).
 The per-row top-k stays in Triton: the issue's CUDA C++ alternative is conditioned on a GPU
 measurement of this kernel that has not been made yet. One launch covers a batch of B independent
 graphs of N nodes each (inputs [B, N, *], the grid's last axis is the image): MLLC's per-image
@@ -58,7 +58,7 @@ import triton.language as tl
 from semiseg_fast import reference as ref
 
 _MAX_K = 64
-_DOT_PRECISION = tl.constexpr("tf32x3")  # see the module docstring
+_DOT_PRECISION = "tf32x3"  # see the module docstring; a kernel argument, so profiling/tune.py can sweep it
 _CLASS_BLOCK = 64  # class-graph tiles: no top-k buffer ties their size
 _MAX_BLOCK_X = 128  # apply columns per program: X = F has D = 256 columns, a 2-D grid splits them
 _WORD_BITS = 31  # mask bits per int32 word, sign bit unused so packing never overflows
@@ -75,7 +75,7 @@ def _dot_width(d: int) -> int:
 
 
 @triton.jit
-def _sim_tile(f_ptr, offs_r, offs_n, offs_d, N, D):
+def _sim_tile(f_ptr, offs_r, offs_n, offs_d, N, D, PRECISION: tl.constexpr):
     r_ok = offs_r < N
     n_ok = offs_n < N
     d_ok = offs_d < D
@@ -83,13 +83,13 @@ def _sim_tile(f_ptr, offs_r, offs_n, offs_d, N, D):
                  other=0.0)
     fn = tl.load(f_ptr + offs_n.to(tl.int64)[:, None] * D + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :],
                  other=0.0)
-    s = tl.dot(fr, tl.trans(fn), input_precision=_DOT_PRECISION)
+    s = tl.dot(fr, tl.trans(fn), input_precision=PRECISION)
     return tl.where(s < 0, 0.0, s), n_ok
 
 
 @triton.jit
 def _topk_kernel(f_ptr, theta_ptr, N, D, K, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, KP: tl.constexpr,
-                 BLOCK_D: tl.constexpr):
+                 BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     img = tl.program_id(1).to(tl.int64)
     f_ptr += img * N * D
     theta_ptr += img * N
@@ -98,7 +98,7 @@ def _topk_kernel(f_ptr, theta_ptr, N, D, K, BLOCK_R: tl.constexpr, BLOCK_N: tl.c
     best = tl.full([BLOCK_R, KP], -1.0, tl.float32)  # below any clamped similarity
     for start in range(0, N, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
-        s, n_ok = _sim_tile(f_ptr, offs_r, offs_n, offs_d, N, D)
+        s, n_ok = _sim_tile(f_ptr, offs_r, offs_n, offs_d, N, D, PRECISION)
         s = tl.where(n_ok[None, :], s, -1.0)
         both = tl.reshape(tl.join(best, s), [BLOCK_R, 2 * KP])
         both = tl.sort(both, dim=1, descending=True)
@@ -110,12 +110,12 @@ def _topk_kernel(f_ptr, theta_ptr, N, D, K, BLOCK_R: tl.constexpr, BLOCK_N: tl.c
 
 
 @triton.jit
-def _graph_tile(f_ptr, theta_ptr, offs_r, offs_n, offs_d, N, D):
+def _graph_tile(f_ptr, theta_ptr, offs_r, offs_n, offs_d, N, D, PRECISION: tl.constexpr):
     # S'_IJ and S'_JI each from the very tile the top-k pass of its rows computed (same shapes, same
     # operand order): theta_j is one of row j's values, so comparing a recomputed S_ij that differs
     # in the last bit would drop the k-th neighbour; A = S' + S'^T is then exactly symmetric
-    s, n_ok = _sim_tile(f_ptr, offs_r, offs_n, offs_d, N, D)
-    s_t, _ = _sim_tile(f_ptr, offs_n, offs_r, offs_d, N, D)
+    s, n_ok = _sim_tile(f_ptr, offs_r, offs_n, offs_d, N, D, PRECISION)
+    s_t, _ = _sim_tile(f_ptr, offs_n, offs_r, offs_d, N, D, PRECISION)
     s_t = tl.trans(s_t)
     th_r = tl.load(theta_ptr + offs_r, mask=offs_r < N, other=float("inf"))
     th_n = tl.load(theta_ptr + offs_n, mask=n_ok, other=float("inf"))
@@ -124,10 +124,10 @@ def _graph_tile(f_ptr, theta_ptr, offs_r, offs_n, offs_d, N, D):
 
 
 @triton.jit
-def _class_tile(p_ptr, words_ptr, offs_r, offs_n, offs_c, N, C, NW):
+def _class_tile(p_ptr, words_ptr, offs_r, offs_n, offs_c, N, C, NW, PRECISION: tl.constexpr):
     # Q_IJ = max(0, P2^_I . P2^_J) where the OH' rows share a set bit. Out-of-range nodes load
     # empty words, so their rows and columns are zero without a separate bounds mask.
-    q, n_ok = _sim_tile(p_ptr, offs_r, offs_n, offs_c, N, C)
+    q, n_ok = _sim_tile(p_ptr, offs_r, offs_n, offs_c, N, C, PRECISION)
     r_ok = offs_r < N
     shared = tl.zeros(q.shape, dtype=tl.int32)
     for word in range(0, NW):
@@ -138,18 +138,18 @@ def _class_tile(p_ptr, words_ptr, offs_r, offs_n, offs_c, N, C, NW):
 
 
 @triton.jit
-def _tile(feat_ptr, aux_ptr, offs_r, offs_n, offs_d, N, D, NW, CLASS_GRAPH: tl.constexpr):
+def _tile(feat_ptr, aux_ptr, offs_r, offs_n, offs_d, N, D, NW, CLASS_GRAPH: tl.constexpr, PRECISION: tl.constexpr):
     # aux is theta [N] for the semantic graph, the packed OH' words [N, NW] for the class graph
     if CLASS_GRAPH:
-        a, n_ok = _class_tile(feat_ptr, aux_ptr, offs_r, offs_n, offs_d, N, D, NW)
+        a, n_ok = _class_tile(feat_ptr, aux_ptr, offs_r, offs_n, offs_d, N, D, NW, PRECISION)
     else:
-        a, n_ok = _graph_tile(feat_ptr, aux_ptr, offs_r, offs_n, offs_d, N, D)
+        a, n_ok = _graph_tile(feat_ptr, aux_ptr, offs_r, offs_n, offs_d, N, D, PRECISION)
     return a, n_ok
 
 
 @triton.jit
 def _degree_kernel(feat_ptr, aux_ptr, deg_ptr, N, D, NW, AUX_STRIDE, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_D: tl.constexpr, CLASS_GRAPH: tl.constexpr):
+                   BLOCK_D: tl.constexpr, CLASS_GRAPH: tl.constexpr, PRECISION: tl.constexpr):
     img = tl.program_id(1).to(tl.int64)
     feat_ptr += img * N * D
     aux_ptr += img * AUX_STRIDE
@@ -159,7 +159,7 @@ def _degree_kernel(feat_ptr, aux_ptr, deg_ptr, N, D, NW, AUX_STRIDE, BLOCK_R: tl
     deg = tl.zeros([BLOCK_R], dtype=tl.float32)
     for start in range(0, N, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
-        a, _ = _tile(feat_ptr, aux_ptr, offs_r, offs_n, offs_d, N, D, NW, CLASS_GRAPH)
+        a, _ = _tile(feat_ptr, aux_ptr, offs_r, offs_n, offs_d, N, D, NW, CLASS_GRAPH, PRECISION)
         deg += tl.sum(a, axis=1)
     tl.store(deg_ptr + offs_r, deg, mask=offs_r < N)
 
@@ -167,7 +167,7 @@ def _degree_kernel(feat_ptr, aux_ptr, deg_ptr, N, D, NW, AUX_STRIDE, BLOCK_R: tl
 @triton.jit
 def _apply_kernel(feat_ptr, aux_ptr, dinv_ptr, x_ptr, out_ptr, N, D, NW, AUX_STRIDE, CX,
                   BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_X: tl.constexpr,
-                  CLASS_GRAPH: tl.constexpr):
+                  CLASS_GRAPH: tl.constexpr, PRECISION: tl.constexpr):
     img = tl.program_id(2).to(tl.int64)
     feat_ptr += img * N * D
     aux_ptr += img * AUX_STRIDE
@@ -181,11 +181,11 @@ def _apply_kernel(feat_ptr, aux_ptr, dinv_ptr, x_ptr, out_ptr, N, D, NW, AUX_STR
     acc = tl.zeros([BLOCK_R, BLOCK_X], dtype=tl.float32)
     for start in range(0, N, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
-        a, n_ok = _tile(feat_ptr, aux_ptr, offs_r, offs_n, offs_d, N, D, NW, CLASS_GRAPH)
+        a, n_ok = _tile(feat_ptr, aux_ptr, offs_r, offs_n, offs_d, N, D, NW, CLASS_GRAPH, PRECISION)
         dn = tl.load(dinv_ptr + offs_n, mask=n_ok, other=0.0)
         xn = tl.load(x_ptr + offs_n.to(tl.int64)[:, None] * CX + offs_x[None, :], mask=n_ok[:, None] & x_ok[None, :],
                      other=0.0)
-        acc += tl.dot(a * dn[None, :], xn, input_precision=_DOT_PRECISION)
+        acc += tl.dot(a * dn[None, :], xn, input_precision=PRECISION)
     dr = tl.load(dinv_ptr + offs_r, mask=offs_r < N, other=0.0)
     tl.store(out_ptr + offs_r.to(tl.int64)[:, None] * CX + offs_x[None, :], acc * dr[:, None],
              mask=(offs_r < N)[:, None] & x_ok[None, :])
@@ -216,7 +216,8 @@ def _with_degrees(feat: torch.Tensor, aux: torch.Tensor, words: int, block: int,
     b, n, d = feat.shape
     deg = torch.empty((b, n), dtype=torch.float32, device=feat.device)
     _degree_kernel[(triton.cdiv(n, block), b)](feat, aux, deg, n, d, words, aux[0].numel(), BLOCK_R=block,
-                                                BLOCK_N=block, BLOCK_D=_dot_width(d), CLASS_GRAPH=is_class)
+                                                BLOCK_N=block, BLOCK_D=_dot_width(d), CLASS_GRAPH=is_class,
+                                                PRECISION=_DOT_PRECISION)
     return _Graph(feat, aux, torch.pow(deg + 1e-10, -0.5), words, block, is_class)
 
 
@@ -231,7 +232,7 @@ def semantic_graph(F: torch.Tensor, k: int) -> _Graph:
     theta = torch.empty((b, n), dtype=torch.float32, device=F.device)
     blk = _block(k)
     _topk_kernel[(triton.cdiv(n, blk), b)](f, theta, n, d, k, BLOCK_R=blk, BLOCK_N=blk, KP=blk,
-                                            BLOCK_D=_dot_width(d))
+                                            BLOCK_D=_dot_width(d), PRECISION=_DOT_PRECISION)
     return _with_degrees(f, theta, 0, blk, False)
 
 
@@ -263,7 +264,7 @@ def _apply(graph: _Graph, X: torch.Tensor) -> torch.Tensor:
     grid = (triton.cdiv(n, graph.block), triton.cdiv(cx, block_x), b)
     _apply_kernel[grid](graph.feat, graph.aux, graph.dinv, x, out, n, d, graph.words, graph.aux[0].numel(), cx,
                         BLOCK_R=graph.block, BLOCK_N=graph.block, BLOCK_D=_dot_width(d),
-                        BLOCK_X=block_x, CLASS_GRAPH=graph.is_class)
+                        BLOCK_X=block_x, CLASS_GRAPH=graph.is_class, PRECISION=_DOT_PRECISION)
     return out.view(X.shape)
 
 

@@ -39,6 +39,7 @@ import argparse
 import contextlib
 import csv
 import datetime
+import functools
 import statistics
 import subprocess
 import time
@@ -66,8 +67,25 @@ FIELDS = ["date", "commit", "device", "torch", "triton", "op", "case", "dtype", 
 COMPILED_ON_CPU = False
 
 
-def _with_compiled(device: torch.device) -> bool:
-    return device.type == "cuda" or COMPILED_ON_CPU
+_SKIP_COMPILED = False
+
+
+@contextlib.contextmanager
+def without_compiled() -> Iterator[None]:
+    """Cases built inside leave out their compiled-reference providers (profiling/tune.py times the
+    fused provider alone and would otherwise compile a reference per kernel configuration)."""
+    global _SKIP_COMPILED
+    _SKIP_COMPILED = True
+    try:
+        yield
+    finally:
+        _SKIP_COMPILED = False
+
+
+def _with_compiled(device: torch.device, everywhere: bool = False) -> bool:
+    """Whether a case adds its compiled-reference provider: on CUDA, and on CPU for the cheap ones
+    (``everywhere``) or when a test asks (COMPILED_ON_CPU)."""
+    return not _SKIP_COMPILED and (everywhere or device.type == "cuda" or COMPILED_ON_CPU)
 
 
 def _timer(fn: Callable[[], object], device: torch.device) -> tuple[float, float, float]:
@@ -140,12 +158,13 @@ def spatial_kl_bench(shape, dtype, device):
     p = (torch.randn(shape, generator=g) * 3).to(device, dtype)
     q = torch.randn(shape, generator=g).to(device, dtype)
     ignore = (torch.rand(b, h, w, generator=g) < 0.05).to(device)
-    compiled = torch.compile(spatial_kl_vectorized, fullgraph=True)
     providers = {
         "fused": lambda q_: ops.spatial_kl(p, q_, ignore=ignore, impl="triton"),
         "reference": lambda q_: ref.spatial_kl(p, q_, ignore=ignore),
-        "compiled": lambda q_: compiled(p, q_, ignore),
     }
+    if _with_compiled(device, everywhere=True):
+        compiled = torch.compile(spatial_kl_vectorized, fullgraph=True)
+        providers["compiled"] = lambda q_: compiled(p, q_, ignore)
     # every provider must compute the same loss before any of them is timed
     expected = ref.spatial_kl(p.double(), q.double(), ignore=ignore)
     for name, fn in providers.items():
@@ -285,9 +304,10 @@ def sampled_contrast_bench(shape, dtype, device):
         compiled = torch.compile(ref.sampled_contrast)
         providers["compiled"] = lambda a: compiled(a.float(), keys_pos.float(), bank.float(), anchor_idx, neg_idx,
                                                    num_valid=max(k, 1))  # the op's default divisor
-    # gather-bound: every sampled anchor, prototype and negative row read once (the floor of a
-    # gather; the forward and the backward each need them), the anchor gradient written once
-    gathered = k * m * (nneg + 2) * d * anchors.element_size()
+    # gather-bound: every sampled anchor and negative row and the K prototypes read once (the
+    # floor of a gather; the forward and the backward each need them), the anchor gradient
+    # written once
+    gathered = (k * m * (nneg + 1) + k) * d * anchors.element_size()
     floors = {"fwd": gathered, "bwd": gathered + anchors.numel() * anchors.element_size(),
               "fwd+bwd": gathered + anchors.numel() * anchors.element_size()}
     return {name: _loss_modes(fn, anchors) for name, fn in providers.items()}, floors
@@ -311,6 +331,7 @@ def class_bank_contrast_precision(fn: Callable, precision: str) -> Callable:
     "highest", "tf32" -> "high"): the switch the fused op's "auto" and PyTorch's matmuls follow."""
     setting = "highest" if precision == "ieee" else "high"
 
+    @functools.wraps(fn)  # keeps a closure's attributes (the untimed ``gradient`` of _loss_modes)
     def run(*args):
         previous = torch.get_float32_matmul_precision()
         torch.set_float32_matmul_precision(setting)
@@ -348,7 +369,11 @@ def class_bank_contrast_bench(shape, dtype, device):
         else:
             compiled = torch.compile(ref.class_bank_contrast_lc)
             providers["compiled"] = lambda z_: compiled(z_.float(), labels, positive.float(), bank.float())
-    modes = {name: _loss_modes(class_bank_contrast_precision(fn, precision), z) for name, fn in providers.items()}
+    # the switch set around every timed closure, backward passes included (the reference's
+    # autograd matmuls follow it when they run), and around the forward _loss_modes keeps
+    modes = {name: {mode: class_bank_contrast_precision(closure, precision)
+                    for mode, closure in _loss_modes(class_bank_contrast_precision(fn, precision), z).items()}
+             for name, fn in providers.items()}
     if with_matmul:
         modes["matmul"] = {"fwd": class_bank_contrast_precision(lambda: z @ flat.T, precision)}
     gemm = 2 * n * c * q * d  # one anchors x bank product
@@ -420,6 +445,8 @@ def graph_mix_bench(shape, dtype, device):
     layers = {"fused": layer_loss(ops.graph_propagate, True, impl="triton"),
               "reference": layer_loss(ops.graph_propagate, True, impl="reference"),
               "compiled": layer_loss(compiled, False), "official": layer_loss(ref.official_dense_layer, False)}
+    if not _with_compiled(device, everywhere=True):
+        del layers["compiled"]
     skipped = {}
     if device.type == "cuda":
         need = _DENSE_NN * n * n * 4
@@ -475,6 +502,11 @@ def _loss_modes(provider: Callable, q: torch.Tensor):
         loss.backward()
         qg.grad = None
 
+    def gradient():
+        # untimed: profiling/tune.py compares the gradient of every kernel configuration
+        return torch.autograd.grad(provider(qg), qg)[0]
+
+    fwd_bwd.gradient = gradient
     loss_kept = provider(qg)
 
     def bwd():

@@ -181,6 +181,13 @@ def test_bank_all_anchors_in_one_class_eps_zero_and_partial_banks():
     fill = torch.tensor([0, 12, 5, 12])
     assert check_bank(z, one, bank[:, :6].contiguous(), None, "hc", fill=torch.tensor([0, 6, 3, 6])) > 0
     assert check_bank(z, one, bank, positive, "lc", fill=fill, detach_positive=False) > 0
+    # slots past fill are not read: garbage there (a bank from torch.empty) changes nothing
+    junk = bank.clone()
+    junk[0] = float("inf")
+    junk[2, 5:] = float("nan")
+    junk[1, 12:] = -float("inf")
+    assert check_bank(z, labels, junk, positive, "lc", fill=fill, detach_positive=False) > 0
+    assert check_bank(z, labels, junk[:, :6].contiguous(), None, "hc", fill=torch.tensor([0, 6, 3, 6])) > 0
     for mode, b, pos in (("hc", bank[:, :6].contiguous(), None), ("lc", bank, positive)):
         fused = ops.class_bank_contrast(z, labels, b, mode, positive=pos, eps=0.0, impl="triton")
         exact = ops.class_bank_contrast(z.double(), labels, b.double(), mode, eps=0.0, impl="reference",
@@ -316,6 +323,21 @@ def test_bank_precision_rule(monkeypatch):
         assert seen == ["tf32"]  # 16-bit operands: precision does not apply (the tl.dot default)
     finally:
         torch.set_float32_matmul_precision(previous)
+    # the per-backend API (after which torch's legacy getter raises), and a switch flipped between
+    # forward and backward: the backward keeps the forward's precision
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        before = matmul.fp32_precision
+        try:
+            matmul.fp32_precision = "tf32"
+            seen.clear()
+            zz = z.clone().requires_grad_(True)
+            out = ops.class_bank_contrast(zz, labels, bank, "hc", impl="triton")
+            matmul.fp32_precision = "ieee"
+            out.backward()
+            assert seen == ["tf32", "tf32"], seen
+        finally:
+            matmul.fp32_precision = before
     with pytest.raises(ValueError, match="precision"):
         ops.class_bank_contrast(z, labels, bank, "hc", precision="bf16x3")
     with pytest.raises(NotImplementedError, match="triton"):

@@ -182,6 +182,13 @@ def test_teacher_stats_ties_and_degenerate_grids():
     none = ops.teacher_stats(logits, (5, 5), first_image=2, prob=True, impl="triton")
     assert none.entropy.shape == (0, 5, 5)
     assert (none.prob - logits.softmax(1)).abs().max() < 1e-6
+    # torch.argmax's rule where the maximum is not a number: all -inf -> 0, a NaN class wins
+    odd = torch.randn(1, 5, 2, 3)
+    odd[0, :, 0, 0] = float("-inf")
+    odd[0, 3, 1, 2] = float("nan")
+    odd[0, 1:, 0, 1] = float("-inf")
+    got = ops.teacher_stats(odd, (2, 3), impl="triton").argmax
+    assert torch.equal(got, odd.argmax(1)) and got[0, 0, 0] == 0 and got[0, 1, 2] == 3
 
 
 def test_u2pl_single_pass_equals_the_path_it_replaced():
@@ -251,7 +258,7 @@ def test_entropy_percentile_at_an_output_size():
 def test_check_nan_raises_naming_the_argument(impl):
     x = torch.rand(3, 20)
     x[1, 4] = float("nan")
-    with pytest.raises(ValueError, match="values: NaN"):
+    with pytest.raises(ValueError, match="values: a percentile is NaN"):
         ops.percentile(x, [10.0, 50.0], check_nan=True, impl=impl)
     keep = torch.ones(3, 20, dtype=torch.bool)
     keep[1, 4] = False  # NaN outside the selection is no error
@@ -259,8 +266,18 @@ def test_check_nan_raises_naming_the_argument(impl):
     logits = torch.randn(1, 3, 4, 4)
     logits[0, 1, 2, 2] = float("nan")
     for size in (None, (6, 5)):
-        with pytest.raises(ValueError, match="logits: NaN"):
+        with pytest.raises(ValueError, match="logits: a percentile is NaN"):
             ops.entropy_percentile(logits, 50.0, size=size, check_nan=True, impl=impl)
+
+
+def test_numpy_scalars_and_infinities():
+    x = torch.tensor([[1.0, float("inf"), 3.0, -2.0]])
+    for q in (np.float32(50), np.int64(50), [np.float32(10), np.float64(90)]):
+        _same_bits(ops.percentile(x, q, impl="triton").reshape(-1), _numpy(x, None, q if isinstance(q, list) else [q]))
+    # numpy's lerp between 3 and inf at q = 100 * 2.5 / 3 is inf; between inf and inf it is NaN
+    # (inf - inf), which check_nan reports as such
+    both = torch.tensor([float("inf"), float("inf"), 1.0])
+    _same_bits(ops.percentile(both, [50.0, 90.0], impl="triton"), _numpy(both, None, [50.0, 90.0]))
 
 
 # -- the CUDA C++ selection (csrc/radix_select.cu) ------------------------------------------------

@@ -182,6 +182,21 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def fp32_matmul_precision() -> str:
+    """"tf32" or "ieee": how PyTorch runs float32 matmuls on CUDA right now. Reads the per-backend
+    API (``torch.backends.cuda.matmul.fp32_precision``; the legacy
+    ``torch.set_float32_matmul_precision`` and ``allow_tf32`` set it too, and "none" inherits the
+    generic ``torch.backends.fp32_precision``), because the legacy getter raises once the new API
+    has been used. Torch versions without it use the legacy getter ("highest" -> IEEE)."""
+    matmul = getattr(torch.backends.cuda, "matmul", None)
+    if hasattr(matmul, "fp32_precision"):
+        value = matmul.fp32_precision
+        if value == "none":
+            value = getattr(torch.backends, "fp32_precision", "none")
+        return "tf32" if value in ("tf32", "bf16") else "ieee"
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
 def check_tensor(name: str, x: object) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")

@@ -321,6 +321,10 @@ def _(grad, z, labels, bank, positive, fill, mode, temperature, eps, positive_gr
 def _bank_setup(ctx, inputs, output):
     z, labels, bank, positive, fill, mode, temperature, eps, impl, precision = inputs
     ctx.save_for_backward(z, labels, bank, positive, fill)
+    # "auto" read now, as the forward's launch just did: the backward runs at the forward's
+    # precision even when the switch changes before backward() (a context around the forward)
+    if precision == "auto":
+        precision = d.fp32_matmul_precision()
     ctx.config = (mode, temperature, eps, precision, impl)
 
 
@@ -358,9 +362,10 @@ def class_bank_contrast(z: Tensor, labels: Tensor, bank: Tensor, mode: str = "hc
     empty cases (no counted class gives 0) are the reference's.
 
     ``precision`` (fused kernel only) sets the matmul precision of float32 inputs: "ieee",
-    "tf32", or None = "auto", which follows ``torch.get_float32_matmul_precision()`` at each
-    launch ("highest", PyTorch's default, -> IEEE; "high"/"medium" -> TF32), the switch that
-    also decides a float32 ``z @ bank.T`` in PyTorch. bf16/fp16 always run on the tensor cores
+    "tf32", or None = "auto", which follows PyTorch's float32 matmul precision at the forward
+    (``torch.set_float32_matmul_precision``: "highest", the default, -> IEEE; "high"/"medium"
+    -> TF32; or ``torch.backends.cuda.matmul.fp32_precision``), the switch that also decides a
+    float32 ``z @ bank.T`` in PyTorch; the backward runs at the forward's precision. bf16/fp16 always run on the tensor cores
     as given, with fp32 accumulation; float64 runs the reference.
     """
     mode = d.check_choice("mode", mode, _MODES)

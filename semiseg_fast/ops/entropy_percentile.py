@@ -23,8 +23,10 @@ would collapse into ties. This is the dtype U2PL itself computes them in.
 NaN: the fused path never looks at the data on the host, so it cannot raise on NaN by itself.
 ``check_nan=True`` (``percentile``, ``entropy_percentile``) adds the check the reference makes:
 it reads the len(q) thresholds back (one host sync, nothing else) and raises ``ValueError``
-naming the argument when any is NaN, which happens exactly when a selected value is NaN. U2PL's
-step leaves it off; tests and one-off analyses turn it on.
+naming the argument when any is NaN: a selected value is NaN, or numpy's interpolation met
+inf - inf (both neighbours infinite with opposite signs, or equal and the weight 0 * inf), as
+numpy's own result would be NaN there. U2PL's step leaves it off; tests and one-off analyses
+turn it on.
 
 ``teacher_stats`` (op ``semiseg::teacher_stats``) is U2PL's single pass over teacher logits
 [B, C, h, w]: entropy, max probability and arg-max at an output grid (H, W), up-sampled in the
@@ -40,9 +42,11 @@ want_argmax, want_prob, want_rank, low_rank, high_rank) -> (entropy, max_prob, a
 unlabeled, labeled)`` with a (0,)-shaped tensor for every output not wanted.
 """
 import math
+import numbers
 from collections.abc import Sequence
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -166,9 +170,14 @@ def _(prob, low_rank, high_rank, impl):
             prob.new_empty(prob.shape, dtype=torch.bool))
 
 
+def _is_number(v: object) -> bool:
+    # Python and numpy reals (numpy's scalars register with numbers.Real), not bools
+    return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
+
+
 def _percentages(q: QLike) -> tuple[list[float], bool]:
     """q as Python floats and whether it was a scalar; a tensor q is read on the host."""
-    if isinstance(q, (int, float)) and not isinstance(q, bool):
+    if _is_number(q):
         values, scalar = [float(q)], True
     elif isinstance(q, Tensor):
         if q.dim() > 1 or q.is_complex() or q.dtype == torch.bool:
@@ -177,7 +186,7 @@ def _percentages(q: QLike) -> tuple[list[float], bool]:
         values, scalar = [float(v) for v in q.detach().reshape(-1).tolist()], q.dim() == 0
     elif isinstance(q, (list, tuple)):
         for v in q:
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
+            if not _is_number(v):
                 raise TypeError(f"q: expected numbers, got an element of type {type(v).__name__}")
         values, scalar = [float(v) for v in q], False
     else:
@@ -228,7 +237,8 @@ def _check_rank_bounds(low_rank: object, high_rank: object) -> tuple[int, int]:
 def _raise_on_nan(thresholds: Tensor, name: str) -> None:
     """The opt-in NaN check (module docstring): one host read of len(q) values."""
     if bool(torch.isnan(thresholds).any()):
-        raise ValueError(f"{name}: NaN among the values a percentile is taken of")
+        raise ValueError(f"{name}: a percentile is NaN (NaN among the values, or an interpolation "
+                         f"between infinite values)")
 
 
 class TeacherStats(NamedTuple):
