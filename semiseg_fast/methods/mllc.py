@@ -77,7 +77,7 @@ class G2Layer(nn.Module):
         self.batch_graph = batch_graph
 
     def forward(self, z: torch.Tensor, f: torch.Tensor, eta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        b, c, h, w = z.shape
+        b, _, h, w = z.shape
         if self.batch_graph:
             z_all, f_all = ops.graph_propagate(to_rows(z), to_rows(f), eta, self.conv_z, self.conv_f,
                                                k=min(K_NEIGHBOURS, b * h * w), threshold=CONF)

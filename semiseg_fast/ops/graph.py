@@ -44,7 +44,6 @@ from torch import Tensor
 from .. import reference as ref
 from . import _dispatch as d
 
-
 _PATH = d.HotPath("graph")
 
 Conv = Callable[[Tensor], Tensor]
