@@ -141,13 +141,18 @@ def sampled_contrast_backward(grad, anchors, keys_pos, bank, anchor_idx, neg_idx
 
 # -- CTT dense class-bank contrast ----------------------------------------------------------------
 
-# (BLOCK_P anchors, BLOCK_N bank columns, warps, stages). The interpreter pays per program and per
-# op, so it keeps small tiles (several blocks even in small tests). On CUDA, 64 anchors is one
-# wgmma row block; with D = 256 in registers, ptxas (sm_90a, compiled here without a GPU) reports
-# 220 (fp32) / 173 (bf16) registers and no spill for the HC forward, and 255 registers with
-# spills elsewhere (LC forward 0.3 KB fp32; backward 2 KB HC, 4.5 KB LC; BLOCK_N 64 or
-# BLOCK_P 128 spill more): not yet timed or tuned on a GPU.
-_BANK_TILES = {"interpret": (16, 32, 4, 1), "fp32": (64, 32, 8, 2), "half": (64, 32, 8, 2)}
+# (BLOCK_P anchors, BLOCK_N bank columns, warps, stages) per dot kind ("ieee" / "tf32" fp32, "half"
+# bf16/fp16) and direction ("_bwd"). The interpreter pays per program and per op, so it keeps small
+# tiles (several blocks even in small tests). On CUDA the entries are the sm_90 compile of
+# profiling.aot's candidates (results/aot_sm90.csv holds their registers and spills).
+# At 64 anchors the IEEE forward and every backward spilled (0.4-44 KB per thread): IEEE products
+# run on the FMA units, and the backward keeps a [P, D] fp32 accumulator next to the anchor rows.
+# These are the largest tiles that compile without a spill for sm_90 and sm_80 under Triton 3.6
+# and 3.9 (profiling.aot; the fewer anchors per program, the more often each bank tile is read).
+_BANK_TILES = {"interpret": (16, 32, 4, 1),
+               "ieee": (32, 16, 8, 2), "ieee_bwd": (16, 16, 8, 2),
+               "tf32": (64, 32, 8, 2), "tf32_bwd": (16, 32, 8, 2),
+               "half": (64, 32, 8, 2), "half_bwd": (16, 32, 8, 2)}
 PRECISIONS = ("auto", "ieee", "tf32")
 
 
@@ -351,6 +356,13 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def bank_tile_key(half: bool, dot_precision: str, backward: bool) -> str:
+    """The ``_BANK_TILES`` entry a launch uses."""
+    if _interpreting():
+        return "interpret"
+    return ("half" if half else dot_precision) + ("_bwd" if backward else "")
+
+
 def _bank_launch(z, labels, bank, positive, fill, mode, temperature, eps, precision, grad=None,
                  positive_grad=False):
     n, d = z.shape
@@ -384,8 +396,7 @@ def _bank_launch(z, labels, bank, positive, fill, mode, temperature, eps, precis
     dp = torch.empty((n, d), dtype=torch.float32, device=device) if backward and positive_grad else dz
     scale = (weight_p * grad.float()).contiguous() if backward else loss
     if n:
-        key = "interpret" if _interpreting() else ("half" if half else "fp32")
-        block_p, block_n, warps, stages = _BANK_TILES[key]
+        block_p, block_n, warps, stages = _BANK_TILES[bank_tile_key(half, dot_precision, backward)]
         _bank_kernel[(triton.cdiv(n, block_p),)](
             z, order, lab32, positive if lc else z, g, counts, scale, loss, dz, dp, n, c * q, q, d,
             1.0 / float(temperature), math.log(eps) if eps > 0 else float("-inf"),

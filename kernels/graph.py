@@ -29,6 +29,14 @@ three TF32 tensor-core products (big x big + big x small + small x big) that car
 would move pixels across theta and far off the fp32 reference, and "ieee" runs on the FMA units
 (no tensor cores, ~1/7 of H100's TF32 rate). Each tile is still recomputed bit-identically across
 the passes, so theta stays self-consistent. "ieee" is one constant away (`profiling/tune.py` sweeps both).
+Why the recomputation is exact on a GPU as in the interpreter: the three kernels build every
+similarity tile with the one function ``_sim_tile``, at the same tile sizes, feature chunk, chunk
+order and warps (``TILES`` is keyed by the tile size alone), so Triton lowers it to the same
+tensor-core instructions (``profiling.aot`` records them; ``tests/test_aot.py`` checks that the
+top-k and degree kernels use the same ones); an MMA is deterministic and accumulates in program
+order; the tf32x3 split is a rounding to TF32 and an exact fp32 subtraction; and the only other
+operation on a tile is the clamp at 0. No approximate instruction (``ex2.approx``, ``div.full``)
+touches a similarity before the comparison with theta.
 The per-row top-k stays in Triton: the issue's CUDA C++ alternative is conditioned on a GPU
 measurement of this kernel that has not been made yet. One launch covers a batch of B independent
 graphs of N nodes each (inputs [B, N, *], the grid's last axis is the image): MLLC's per-image
@@ -70,20 +78,40 @@ def _block(k: int) -> int:
     return max(32, triton.next_power_of_2(k))
 
 
-def _dot_width(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))  # tl.dot needs K >= 16 on GPUs
+# Per square tile size: feature columns per dot (the K chunk of every similarity tile), warps and
+# pipeline stages. Whole 256-column operands needed 128-410 KB of shared memory and spilled up to
+# 20 KB per thread; these were picked by compiling candidates with profiling.aot for sm_90 and
+# sm_80 under Triton 3.6 and 3.9: the widest chunks with no spill in either (results/aot_sm90.csv).
+TILES = {32: {"chunk": 16, "num_warps": 4, "num_stages": 1},
+         64: {"chunk": 16, "num_warps": 8, "num_stages": 2},
+         128: {"chunk": 16, "num_warps": 8, "num_stages": 1}}
+
+
+def _dot_width(d: int, block: int) -> int:
+    # tl.dot needs K >= 16 on GPUs; D = 256 runs in TILES[block]["chunk"]-column steps
+    return min(max(16, triton.next_power_of_2(d)), TILES[block]["chunk"])
+
+
+def _launch_options(block: int) -> dict:
+    return {"num_warps": TILES[block]["num_warps"], "num_stages": TILES[block]["num_stages"]}
 
 
 @triton.jit
 def _sim_tile(f_ptr, offs_r, offs_n, offs_d, N, D, PRECISION: tl.constexpr):
+    # the feature axis in chunks of BLOCK_D = len(offs_d) columns, always in the same order, so a
+    # tile recomputed by another pass is the same sequence of dots (see the module docstring);
+    # whole 256-column operands would need ~200-400 KB of shared memory and spill (profiling.aot)
     r_ok = offs_r < N
     n_ok = offs_n < N
-    d_ok = offs_d < D
-    fr = tl.load(f_ptr + offs_r.to(tl.int64)[:, None] * D + offs_d[None, :], mask=r_ok[:, None] & d_ok[None, :],
-                 other=0.0)
-    fn = tl.load(f_ptr + offs_n.to(tl.int64)[:, None] * D + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :],
-                 other=0.0)
-    s = tl.dot(fr, tl.trans(fn), input_precision=PRECISION)
+    s = tl.zeros([offs_r.shape[0], offs_n.shape[0]], dtype=tl.float32)
+    for d0 in range(0, D, offs_d.shape[0]):
+        cols = d0 + offs_d
+        d_ok = cols < D
+        fr = tl.load(f_ptr + offs_r.to(tl.int64)[:, None] * D + cols[None, :], mask=r_ok[:, None] & d_ok[None, :],
+                     other=0.0)
+        fn = tl.load(f_ptr + offs_n.to(tl.int64)[:, None] * D + cols[None, :], mask=n_ok[:, None] & d_ok[None, :],
+                     other=0.0)
+        s = tl.dot(fr, tl.trans(fn), s, input_precision=PRECISION)
     return tl.where(s < 0, 0.0, s), n_ok
 
 
@@ -216,8 +244,8 @@ def _with_degrees(feat: torch.Tensor, aux: torch.Tensor, words: int, block: int,
     b, n, d = feat.shape
     deg = torch.empty((b, n), dtype=torch.float32, device=feat.device)
     _degree_kernel[(triton.cdiv(n, block), b)](feat, aux, deg, n, d, words, aux[0].numel(), BLOCK_R=block,
-                                                BLOCK_N=block, BLOCK_D=_dot_width(d), CLASS_GRAPH=is_class,
-                                                PRECISION=_DOT_PRECISION)
+                                                BLOCK_N=block, BLOCK_D=_dot_width(d, block), CLASS_GRAPH=is_class,
+                                                PRECISION=_DOT_PRECISION, **_launch_options(block))
     return _Graph(feat, aux, torch.pow(deg + 1e-10, -0.5), words, block, is_class)
 
 
@@ -232,7 +260,8 @@ def semantic_graph(F: torch.Tensor, k: int) -> _Graph:
     theta = torch.empty((b, n), dtype=torch.float32, device=F.device)
     blk = _block(k)
     _topk_kernel[(triton.cdiv(n, blk), b)](f, theta, n, d, k, BLOCK_R=blk, BLOCK_N=blk, KP=blk,
-                                            BLOCK_D=_dot_width(d), PRECISION=_DOT_PRECISION)
+                                            BLOCK_D=_dot_width(d, blk), PRECISION=_DOT_PRECISION,
+                                            **_launch_options(blk))
     return _with_degrees(f, theta, 0, blk, False)
 
 
@@ -263,8 +292,9 @@ def _apply(graph: _Graph, X: torch.Tensor) -> torch.Tensor:
     # the same tile shape as the passes that made theta, so every S_ij is recomputed bit for bit
     grid = (triton.cdiv(n, graph.block), triton.cdiv(cx, block_x), b)
     _apply_kernel[grid](graph.feat, graph.aux, graph.dinv, x, out, n, d, graph.words, graph.aux[0].numel(), cx,
-                        BLOCK_R=graph.block, BLOCK_N=graph.block, BLOCK_D=_dot_width(d),
-                        BLOCK_X=block_x, CLASS_GRAPH=graph.is_class, PRECISION=_DOT_PRECISION)
+                        BLOCK_R=graph.block, BLOCK_N=graph.block, BLOCK_D=_dot_width(d, graph.block),
+                        BLOCK_X=block_x, CLASS_GRAPH=graph.is_class, PRECISION=_DOT_PRECISION,
+                        **_launch_options(graph.block))
     return out.view(X.shape)
 
 

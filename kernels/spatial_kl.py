@@ -25,7 +25,6 @@ import triton
 import triton.language as tl
 
 _BLOCK_J = 128
-_NEG_INF: tl.constexpr = float("-inf")
 
 
 @triton.jit
@@ -35,7 +34,7 @@ def _omega_tile(p_ptr, ign_ptr, b, offs_c, offs_j, C, HW, tau, HAS_IGNORE: tl.co
     c_ok = offs_c < C
     j_ok = offs_j < HW
     ptrs = p_ptr + row + offs_c[:, None].to(tl.int64) * HW + offs_j[None, :]
-    p = tl.load(ptrs, mask=c_ok[:, None] & j_ok[None, :], other=_NEG_INF).to(tl.float32)
+    p = tl.load(ptrs, mask=c_ok[:, None] & j_ok[None, :], other=float("-inf")).to(tl.float32)
     p_max = tl.max(p, axis=0)
     p_max_safe = tl.where(j_ok, p_max, 0.0)
     denom = tl.sum(tl.exp(p - p_max_safe[None, :]), axis=0)
@@ -69,16 +68,16 @@ def _kl_partials_kernel(p_ptr, q_ptr, ign_ptr, stats_ptr, count_ptr, C, HW, S, i
     s = tl.program_id(1)
     p, q, omega, keep, _, _, offs_c = _tiles(p_ptr, q_ptr, ign_ptr, C, HW, tau, HAS_IGNORE, BLOCK_C, BLOCK_J)
 
-    a = tl.where(keep, p * inv_t, _NEG_INF)
+    a = tl.where(keep, p * inv_t, float("-inf"))
     m_p = tl.max(a, axis=1)
-    m_p_safe = tl.where(m_p == _NEG_INF, 0.0, m_p)
+    m_p_safe = tl.where(m_p == float("-inf"), 0.0, m_p)
     e_p = tl.where(keep, tl.exp(a - m_p_safe[:, None]), 0.0)
     s_p = tl.sum(e_p, axis=1)
     # select before multiplying: p is -inf padding and q may be non-finite outside Omega
     x = tl.sum(e_p * tl.where(keep, p - q, 0.0), axis=1) * inv_t
-    bq = tl.where(keep, q * inv_t, _NEG_INF)
+    bq = tl.where(keep, q * inv_t, float("-inf"))
     m_q = tl.max(bq, axis=1)
-    m_q_safe = tl.where(m_q == _NEG_INF, 0.0, m_q)
+    m_q_safe = tl.where(m_q == float("-inf"), 0.0, m_q)
     s_q = tl.sum(tl.where(keep, tl.exp(bq - m_q_safe[:, None]), 0.0), axis=1)
 
     # stats layout [B, S, 5, BLOCK_C]

@@ -567,7 +567,10 @@ def _environment() -> dict[str, str]:
             "triton": triton_version}
 
 
-def run(op_names, dtype_names, smoke: bool, device: torch.device, out: Path | None, echo=print) -> list[dict]:
+def run(op_names, dtype_names, smoke: bool, device: torch.device, out: Path | None, echo=print, *,
+        first_case_only: bool = False, providers: set[str] | None = None) -> list[dict]:
+    """Benchmark rows of ``op_names`` x their cases x ``dtype_names``; ``first_case_only`` keeps each
+    op's first case (the method's default shape), ``providers`` a subset of the providers."""
     env = _environment()
     device_name = device_label(device)
     copy = copy_bandwidth(device)
@@ -575,10 +578,12 @@ def run(op_names, dtype_names, smoke: bool, device: torch.device, out: Path | No
     rows, rates = [], {}
     for op in op_names:
         cases, build = OPS[op]
-        for case, shape in cases(smoke):
+        for case, shape in cases(smoke)[:1] if first_case_only else cases(smoke):
             for dtype_name in dtype_names:
-                providers, floors = build(shape, DTYPES[dtype_name], device)
-                for provider, modes in providers.items():
+                built, floors = build(shape, DTYPES[dtype_name], device)
+                for provider, modes in built.items():
+                    if providers is not None and provider not in providers:
+                        continue
                     if isinstance(modes, str):  # a provider this case cannot run: recorded with the reason
                         rows += [{**env, "device": device_name, "op": op, "case": case, "dtype": dtype_name,
                                   "provider": provider, "mode": mode, "note": modes} for mode in floors]

@@ -64,15 +64,15 @@ class Knob:
 
 
 def _bank_entry(dtype: torch.dtype) -> str:
+    # the forward entry at the op's default precision (fp32: IEEE); the backward keeps its own
     from semiseg_fast.kernels import contrast
 
-    return "interpret" if contrast._interpreting() else ("half" if dtype in HALF else "fp32")
+    return contrast.bank_tile_key(dtype in HALF, "ieee", backward=False)
 
 
-# (BLOCK_P, BLOCK_N, warps, stages) of the class-bank kernel: 64 anchors fill one wgmma row block;
-# the rest trade registers (the backward spills at the shipped tiles when compiled for sm_90a)
-# against reuse of each bank tile
-_BANK_CANDIDATES = ((64, 32, 8, 2), (64, 64, 8, 2), (64, 32, 4, 2), (64, 32, 8, 3), (64, 16, 8, 3), (128, 32, 8, 2))
+# (BLOCK_P, BLOCK_N, warps, stages) of the class-bank forward: 64 anchors fill one wgmma row block;
+# the rest trade registers against reuse of each bank tile (python -m profiling.aot shows which spill)
+_BANK_CANDIDATES = ((64, 32, 8, 2), (64, 64, 8, 2), (32, 32, 8, 2), (64, 16, 8, 2), (32, 16, 4, 2))
 
 _K = "semiseg_fast.kernels."
 KNOBS: dict[str, list[Knob]] = {
