@@ -50,6 +50,7 @@ _BLOCK_J = 128
 _BLOCK_N = 1024
 _BLOCK_OUT = 64  # output-grid pixels per program: 128 spilled ~300 bytes under Triton 3.6 (profiling.aot)
 _BLOCK_LOGIT = 64  # logit-grid pixels per program (the rank count keeps [C, J] int32 counts)
+_RANK_WARPS = 8  # rank_mask launch: 4 spilled ~400 bytes at 128 x 128 logits under Triton 3.9 (profiling.aot)
 _SIGN = 0x80000000  # host-side key arithmetic only
 
 
@@ -360,7 +361,7 @@ def rank_mask(prob, low_rank, high_rank):
     if prob.numel():
         _rank_mask_kernel[(triton.cdiv(hw, _BLOCK_LOGIT), b)](prob, unl, lab, c, hw, low_rank, high_rank,
                                                               BLOCK_C=triton.next_power_of_2(c),
-                                                              BLOCK_J=_BLOCK_LOGIT)
+                                                              BLOCK_J=_BLOCK_LOGIT, num_warps=_RANK_WARPS)
     return unl.view(torch.bool), lab.view(torch.bool)
 
 

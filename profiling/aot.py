@@ -437,13 +437,14 @@ def sweep(selected: list[Case], targets: list[str], kernels: set[str] | None = N
 
 
 def write(rows: list[dict], path: Path) -> None:
-    """Write ``rows`` to ``path`` (atomically), keeping the rows of other Triton versions already
-    there: one table can hold the GPU image's Triton and this machine's side by side."""
+    """Write ``rows`` to ``path`` (atomically). Rows already there for another Triton version or
+    another kernel are kept: one table holds the GPU image's Triton and this machine's side by
+    side, and a ``--kernel`` run replaces only that kernel's rows."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    versions = {r["triton"] for r in rows}
+    replaced = {(r["triton"], r["kernel"]) for r in rows}
     if path.exists():
         with path.open(newline="") as fh:
-            rows = [r for r in csv.DictReader(fh) if r.get("triton") not in versions] + rows
+            rows = [r for r in csv.DictReader(fh) if (r.get("triton"), r.get("kernel")) not in replaced] + rows
     rows = sorted(rows, key=lambda r: (r["kernel"], r["config"], r["dtype"], r["triton"]))
     tmp = path.with_suffix(".csv.tmp")
     with tmp.open("w", newline="") as fh:
