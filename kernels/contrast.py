@@ -143,12 +143,11 @@ def sampled_contrast_backward(grad, anchors, keys_pos, bank, anchor_idx, neg_idx
 
 # (BLOCK_P anchors, BLOCK_N bank columns, warps, stages) per dot kind ("ieee" / "tf32" fp32, "half"
 # bf16/fp16) and direction ("_bwd"). The interpreter pays per program and per op, so it keeps small
-# tiles (several blocks even in small tests). On CUDA the entries are the sm_90 compile of
-# profiling.aot's candidates (results/aot_sm90.csv holds their registers and spills).
-# At 64 anchors the IEEE forward and every backward spilled (0.4-44 KB per thread): IEEE products
-# run on the FMA units, and the backward keeps a [P, D] fp32 accumulator next to the anchor rows.
-# These are the largest tiles that compile without a spill for sm_90 and sm_80 under Triton 3.6
-# and 3.9 (profiling.aot; the fewer anchors per program, the more often each bank tile is read).
+# tiles (several blocks even in small tests). On CUDA, 64 anchors spilled (0.4-44 KB per thread)
+# in the IEEE forward (FMA units) and in every backward (a [P, D] fp32 accumulator next to the
+# anchor rows); these are the largest candidates that compiled without a spill for sm_90 and sm_80
+# under Triton 3.6 and 3.9 (profiling.aot, results/aot_sm90.csv; fewer anchors per program read
+# each bank tile more often).
 _BANK_TILES = {"interpret": (16, 32, 4, 1),
                "ieee": (32, 16, 8, 2), "ieee_bwd": (16, 16, 8, 2),
                "tf32": (64, 32, 8, 2), "tf32_bwd": (16, 32, 8, 2),

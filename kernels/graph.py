@@ -80,8 +80,8 @@ def _block(k: int) -> int:
 
 # Per square tile size: feature columns per dot (the K chunk of every similarity tile), warps and
 # pipeline stages. Whole 256-column operands needed 128-410 KB of shared memory and spilled up to
-# 20 KB per thread; these were picked by compiling candidates with profiling.aot for sm_90 and
-# sm_80 under Triton 3.6 and 3.9: the widest chunks with no spill in either (results/aot_sm90.csv).
+# 20 KB per thread; these are candidates that compiled with profiling.aot for sm_90 and sm_80
+# under Triton 3.6 and 3.9 without a spill in either (results/aot_sm90.csv).
 TILES = {32: {"chunk": 16, "num_warps": 4, "num_stages": 1},
          64: {"chunk": 16, "num_warps": 8, "num_stages": 2},
          128: {"chunk": 16, "num_warps": 8, "num_stages": 1}}
@@ -98,9 +98,8 @@ def _launch_options(block: int) -> dict:
 
 @triton.jit
 def _sim_tile(f_ptr, offs_r, offs_n, offs_d, N, D, PRECISION: tl.constexpr):
-    # the feature axis in chunks of BLOCK_D = len(offs_d) columns, always in the same order, so a
-    # tile recomputed by another pass is the same sequence of dots (see the module docstring);
-    # whole 256-column operands would need ~200-400 KB of shared memory and spill (profiling.aot)
+    # the feature axis in chunks of len(offs_d) columns (TILES), always in the same order, so a
+    # tile recomputed by another pass is the same sequence of dots (see the module docstring)
     r_ok = offs_r < N
     n_ok = offs_n < N
     s = tl.zeros([offs_r.shape[0], offs_n.shape[0]], dtype=tl.float32)

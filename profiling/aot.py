@@ -23,8 +23,8 @@ every row to it and to the target's shared-memory limit.
 
 Must run without ``TRITON_INTERPRET=1`` (the kernels are then interpreter objects, not
 compilable); it needs Triton's NVIDIA backend (ptxas ships in the Linux wheel), no GPU, no CUDA
-torch. Each compile runs in a worker process (``--jobs``) with a private Triton cache, so ptxas
-always runs and prints its log.
+torch. Compiles run in worker processes (``--jobs``) with ``TRITON_ALWAYS_COMPILE`` and a private
+Triton cache, so ptxas always runs and prints its log.
 """
 from __future__ import annotations
 
@@ -32,13 +32,11 @@ import argparse
 import contextlib
 import csv
 import dataclasses
-import datetime
 import importlib
 import inspect
 import io
 import os
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -385,18 +383,6 @@ def _config(launch: Launch) -> str:
     return const + (f" div16={','.join(div)}" if div else "")
 
 
-def _stamp() -> dict[str, str]:
-    import triton
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, check=False).stdout.strip()
-    except OSError:
-        commit = ""
-    return {"triton": triton.__version__, "torch": torch.__version__, "commit": commit or "unknown",
-            "date": datetime.date.today().isoformat()}
-
-
 def _job(args):
     launch, capability = args
     return compile_one(launch, capability)
@@ -410,8 +396,11 @@ def sweep(selected: list[Case], targets: list[str], kernels: set[str] | None = N
     todo = [(launch, names, dtype) for launch, names, dtype in launches.values()
             if kernels is None or launch.kernel in kernels]
     echo(f"{len(todo)} distinct launches in {time.perf_counter() - t0:.0f} s; compiling for {', '.join(targets)}")
-    stamp = _stamp()
+    from .bench_ops import _environment  # date, commit, torch, triton: the benchmarks' stamp
+
+    stamp = _environment()
     work = [(launch, TARGETS[t]) for t in targets for launch, _, _ in todo]
+    cases_of = {id(launch): (names, dtype) for launch, names, dtype in todo}
     if jobs > 1:
         with ProcessPoolExecutor(jobs) as pool:
             results = list(pool.map(_job, work))
@@ -420,7 +409,7 @@ def sweep(selected: list[Case], targets: list[str], kernels: set[str] | None = N
     out: dict[str, list[dict]] = {t: [] for t in targets}
     for (launch, capability), result in zip(work, results):
         target = next(t for t, cap in TARGETS.items() if cap == capability)
-        names, dtype = next((n, d) for ln, n, d in todo if ln is launch)
+        names, dtype = cases_of[id(launch)]
         budget = SPILL_BUDGET[launch.kernel]
         ok = result["compiled_ok"]
         row = {"kernel": launch.kernel, "config": _config(launch), "dtype": dtype, "num_warps": launch.num_warps,
