@@ -38,9 +38,9 @@ import torch
 
 from semiseg_fast import ops
 from semiseg_fast.config import TrainConfig
-from semiseg_fast.engine.bank import ClassMemoryBank
 from semiseg_fast.engine.trainer import Trainer
 from semiseg_fast.methods import METHODS
+from semiseg_fast.methods.bank import ClassMemoryBank
 
 from .bench_ops import (
     _environment,

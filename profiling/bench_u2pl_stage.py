@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from semiseg_fast import ops
-from semiseg_fast.engine.bank import ClassMemoryBank
+from semiseg_fast.methods.bank import ClassMemoryBank
 from semiseg_fast.methods.common import IGNORE, to_rows
 from semiseg_fast.methods.u2pl import (
     DELTA_P,

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from semiseg_fast import nvtx
 from semiseg_fast.config import TrainConfig, build_parser
-from semiseg_fast.engine import nvtx
 from semiseg_fast.engine.trainer import Trainer
 
 

@@ -1,4 +1,10 @@
-"""The training configuration: one flat dataclass, validated, dumped into every run directory."""
+"""The training configuration: one flat dataclass, validated, dumped into every run directory.
+
+It sits above everything else (only ``cli`` and ``train.py`` import it): ``TrainConfig``
+inherits the sections of the run written here and the options classes that each method declares
+in its own file (``methods.OPTION_CLASSES``), so the methods, the engine and the data read the
+fields they need by attribute and never import this module.
+"""
 from __future__ import annotations
 
 import argparse
@@ -7,35 +13,61 @@ import json
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from .data import DATASETS
+from .data.splits import parse_labeled
 from .errors import ConfigError
+from .methods import METHODS, OPTION_CLASSES, method_defaults
+from .methods.options import require
+from .models import MODELS
 
 
 @dataclass
-class TrainConfig:
-    # what to train
+class Target:
+    """What to train."""
+
     method: str = field(default="fixmatch", metadata={"help": "training method (the list is at the end of --help)"})
     data: str = field(default="synthetic", metadata={"help": "data set name (the list is at the end of --help)"})
     root: str | None = field(default=None, metadata={"help": "data set root folder (fashion: holds the 4 Fashion-MNIST .gz files; None = /usr/share/datasets/fashion-mnist; voc: the VOC2012 folder; cityscapes: the folder of leftImg8bit/ and gtFine/)"})
     labeled: str = field(default="1/16", metadata={"help": "labeled fraction ('1/16', '0.25') or count ('92')"})
-    # generated scenes (synthetic, fashion)
+
+
+@dataclass
+class GeneratedData:
+    """Generated scenes (synthetic, fashion)."""
+
     num_train: int = field(default=512, metadata={"help": "synthetic / fashion: training scenes (labeled + unlabeled)"})
     num_val: int = field(default=200, metadata={"help": "synthetic / fashion: validation scenes"})
     image_size: int = field(default=80, metadata={"help": "synthetic / fashion: generated image side length"})
     data_seed: int = field(default=0, metadata={"help": "the generated scenes and the labeled split derive from it"})
     cache_dir: str | None = field(default=".cache/semiseg_fast", metadata={"help": "where generated data is cached ('' = none)"})
-    # image files on disk (voc, cityscapes)
+
+
+@dataclass
+class FileData:
+    """Image files on disk (voc, cityscapes)."""
+
     protocol: str | None = field(default=None, metadata={"help": "voc: classic (labeled drawn from the 1464 train.txt images) | blended (from the 10582 train_aug pool) (default: blended when SegmentationClassAug exists, else classic)"})
     splits: str | None = field(default=None, metadata={"help": "voc / cityscapes: folder of labeled.txt (+ unlabeled.txt) image ids to train on instead of drawing a split (e.g. <out>/splits of an earlier run)"})
     num_workers: int | None = field(default=None, metadata={"help": "voc / cityscapes: data-loader worker processes per stream (default min(4, CPUs); 0 = in the main process)"})
     eval_window: int | None = field(default=None, metadata={"help": "voc / cityscapes: sliding-window side for validation, 0 = whole images (default: 0 on voc, --crop on cityscapes, as UniMatch)"})
     eval_stride: int | None = field(default=None, metadata={"help": "voc / cityscapes: sliding-window stride (default: 2/3 of the window, as UniMatch)"})
-    # model
+
+
+@dataclass
+class ModelOptions:
+    """Model."""
+
     arch: str | None = field(default=None, metadata={"help": "deeplabv3plus | deeplabv3plus_u2pl | deeplabv2 (default: the method's)"})
     backbone: str = field(default="resnet18", metadata={"help": "resnet18 | resnet50 | resnet101"})
     output_stride: int | None = field(default=None, metadata={"help": "backbone output stride 8 | 16 (default: the arch's, 16 for deeplabv3plus, 8 otherwise)"})
     deep_stem: bool = field(default=False, metadata={"help": "3-conv deep stem (U2PL / UniMatch backbones)"})
     pretrained: str | None = field(default=None, metadata={"help": "local torchvision-named ResNet weights file"})
-    # optimisation
+
+
+@dataclass
+class OptimOptions:
+    """Optimisation."""
+
     crop: int = field(default=64, metadata={"help": "training crop side length"})
     batch_size: int = field(default=8, metadata={"help": "labeled images per step"})
     unlabeled_batch_size: int | None = field(default=None, metadata={"help": "unlabeled images per step (default: batch_size)"})
@@ -45,37 +77,12 @@ class TrainConfig:
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
     weight_decay: float = field(default=1e-4, metadata={"help": "SGD weight decay"})
     lr_power: float = field(default=0.9, metadata={"help": "poly schedule power"})
-    # semi-supervised
-    conf_thresh: float = field(default=0.95, metadata={"help": "pseudo-label confidence threshold"})
-    ema_decay: float = field(default=0.99, metadata={"help": "largest EMA decay of mean teachers"})
-    unsup_weight: float = field(default=1.0, metadata={"help": "weight of the unsupervised loss"})
-    # IPixMatch
-    ipix_weight: float = field(default=1.0, metadata={"help": "ipixmatch: weight alpha of the spatial KL term"})
-    ipix_warmup: float = field(default=0.0625, metadata={"help": "ipixmatch: fraction of the run over which alpha ramps up"})
-    ipix_temperature: float = field(default=4.0, metadata={"help": "ipixmatch: softmax temperature over pixels"})
-    ipix_tau: float = field(default=0.8, metadata={"help": "ipixmatch: teacher confidence for the pixel set Omega"})
-    # U2PL (None = the method's default for the data set: the paper's, or the synthetic preset)
-    u2pl_contrast_weight: float | None = field(default=None, metadata={"help": "u2pl: weight of the contrastive loss (paper 0.1; official code 1)"})
-    u2pl_queue: int | None = field(default=None, metadata={"help": "u2pl: negative queue length per class (paper 30000)"})
-    u2pl_queue_bg: int | None = field(default=None, metadata={"help": "u2pl: negative queue length of class 0 (paper 50000)"})
-    u2pl_sup_only: float | None = field(default=None, metadata={"help": "u2pl: fraction of the run trained supervised only (paper 1 of 80 epochs)"})
-    u2pl_official_q1: bool = field(default=False, metadata={"help": "u2pl: reproduce official bug Q1 (negatives of class V[i] for anchors of class i)"})
-    u2pl_official_q2: bool = field(default=False, metadata={"help": "u2pl: reproduce official bug Q2 (negatives must carry the class's own label)"})
-    # CTT
-    ctt_pairs: int | None = field(default=None, metadata={"help": "ctt: student-teacher pairs (2 or 3)"})
-    ctt_bank: int | None = field(default=None, metadata={"help": "ctt: memory bank entries per class (paper code 256)"})
-    ctt_gamma: float | None = field(default=None, metadata={"help": "ctt: cross-teacher confidence splitting HC from LC anchors"})
-    ctt_hc_weight: float | None = field(default=None, metadata={"help": "ctt: weight of the high-confidence contrast (paper's value lost; ours)"})
-    ctt_lc_weight: float | None = field(default=None, metadata={"help": "ctt: weight of the low-confidence contrast (paper's value lost; ours)"})
-    ctt_directional: bool = field(default=True, metadata={"help": "ctt: LC only where the peer student is more confident (paper); off = v2 script"})
-    # MLLC
-    mllc_rounds: int | None = field(default=None, metadata={"help": "mllc: graph rounds K"})
-    mllc_official_mask: bool = field(default=False, metadata={"help": "mllc: the official scrambled class-graph mask instead of label equality"})
-    mllc_batch_graph: bool = field(default=False, metadata={"help": "mllc: one graph over all pixels of the batch (inter-image) instead of one per image"})
-    mllc_proto_weight: float | None = field(default=None, metadata={"help": "mllc: weight of the prototype (inter-image SLG) loss"})
-    mllc_proto_start: float | None = field(default=None, metadata={"help": "mllc: fraction of the run before the prototype loss starts"})
-    mllc_affinity_weight: float | None = field(default=None, metadata={"help": "mllc: weight of the intra-image affinity BCE (commented out in the code; 0 = official)"})
-    # running
+
+
+@dataclass
+class RunOptions:
+    """Running."""
+
     seed: int = field(default=0, metadata={"help": "seed of the model init, augmentations and data order"})
     deterministic: bool = field(default=False, metadata={"help": "deterministic algorithms (bit-exact resume on CPU)"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
@@ -90,6 +97,15 @@ class TrainConfig:
     log_backend: str = field(default="auto", metadata={"help": "auto (TensorBoard if installed, else CSV) | tensorboard | csv"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
+
+#: the sections of the configuration in --help order: the run's own, then every method's options
+SECTIONS = (Target, GeneratedData, FileData, ModelOptions, OptimOptions, *OPTION_CLASSES, RunOptions)
+
+
+@dataclass
+class TrainConfig(*reversed(SECTIONS)):  # dataclass fields come base-last first: reversed keeps SECTIONS' order
+    """The flat configuration of one run: every field is a ``--flag`` of ``train.py``."""
+
     def __post_init__(self) -> None:
         if self.unlabeled_batch_size is None:
             self.unlabeled_batch_size = self.batch_size
@@ -97,34 +113,21 @@ class TrainConfig:
             self.out = f"runs/{self.method}-{self.data}"
 
     def validate(self) -> "TrainConfig":
-        from .data import DATASETS
-        from .methods import METHODS
-
         def need(cond: bool, name: str, what: str) -> None:
-            if not cond:
-                raise ConfigError(f"--{name.replace('_', '-')}: {what}, got {getattr(self, name)!r}")
+            require(self, cond, name, what)
 
         need(self.method in METHODS, "method", f"expected one of {sorted(METHODS)}")
         need(self.data in DATASETS, "data", f"expected one of {sorted(DATASETS)}")
         self.resolve_method_defaults()
-        from .models import MODELS
-
         need(self.arch in MODELS, "arch", f"expected one of {list(MODELS)}")
-        for name in ("u2pl_queue", "u2pl_queue_bg", "ctt_bank", "mllc_rounds"):
-            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "expected an integer >= 1")
-        need(self.ctt_pairs in (2, 3), "ctt_pairs", "expected 2 or 3")
-        for name in ("u2pl_sup_only", "ctt_gamma", "mllc_proto_start"):
-            need(0.0 <= getattr(self, name) <= 1.0, name, "expected a number in [0, 1]")
-        for name in ("u2pl_contrast_weight", "ctt_hc_weight", "ctt_lc_weight", "mllc_proto_weight", "mllc_affinity_weight"):
-            need(getattr(self, name) >= 0, name, "expected a number >= 0")
+        for options in OPTION_CLASSES:
+            options.check(self)
         for name in ("num_train", "num_val", "image_size", "crop", "batch_size", "unlabeled_batch_size", "iters",
                      "eval_batch_size", "log_every"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "expected an integer >= 1")
         for name in ("eval_every", "ckpt_every"):
             need(getattr(self, name) >= 0, name, "expected an integer >= 0")
         need(self.output_stride in (None, 8, 16, 32), "output_stride", "expected 8, 16 or 32")
-        need(not (self.mllc_batch_graph and self.mllc_official_mask), "mllc_batch_graph",
-             "the official class-graph layout (--mllc-official-mask) is per image; use one of the two")
         need(self.protocol in (None, "classic", "blended"), "protocol", "expected classic or blended")
         need(self.protocol is None or self.data == "voc", "protocol", "only voc has protocols")
         need(not self.splits or self.data in ("voc", "cityscapes"), "splits", "only voc and cityscapes read split files")
@@ -139,19 +142,13 @@ class TrainConfig:
              f"expected at most the eval window ({window})")
         for name in ("lr", "head_lr_mult", "lr_power"):
             need(getattr(self, name) > 0, name, "expected a positive number")
-        for name in ("momentum", "conf_thresh", "ema_decay", "ipix_warmup", "ipix_tau"):
-            need(0.0 <= getattr(self, name) <= 1.0, name, "expected a number in [0, 1]")
+        need(0.0 <= self.momentum <= 1.0, "momentum", "expected a number in [0, 1]")
         need(self.weight_decay >= 0, "weight_decay", "expected a number >= 0")
-        need(self.unsup_weight >= 0, "unsup_weight", "expected a number >= 0")
-        need(self.ipix_weight >= 0, "ipix_weight", "expected a number >= 0")
-        need(self.ipix_temperature > 0, "ipix_temperature", "expected a positive number")
         need(self.amp in ("auto", "bf16", "off"), "amp", "expected auto, bf16 or off")
         need(self.compile in ("auto", "on", "off"), "compile", "expected auto, on or off")
         need(self.log_backend in ("auto", "tensorboard", "csv"), "log_backend", "expected auto, tensorboard or csv")
         need(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device",
              "expected auto, cpu, cuda or cuda:N")
-        from .data.splits import parse_labeled
-
         try:
             parse_labeled(self.labeled)
         except ValueError as e:
@@ -161,12 +158,10 @@ class TrainConfig:
     def resolve_method_defaults(self) -> "TrainConfig":
         """Fill every option left at None with the method's default for this data set.
 
-        Each method class lists its paper values and a small CPU-friendly preset for the
-        synthetic set (``Method.defaults``); options of other methods take their paper values,
-        so ``config.json`` always shows concrete numbers.
+        Each method's options class carries its paper values and the method class a small
+        CPU-friendly preset for the generated sets (``Method.SYNTHETIC``); options of other
+        methods take their paper values, so ``config.json`` always shows concrete numbers.
         """
-        from .methods import METHODS, method_defaults
-
         values = method_defaults(self.method if self.method in METHODS else None, self.data)
         for name, value in values.items():
             if getattr(self, name) is None:
@@ -190,9 +185,6 @@ def _arg_type(f: dataclasses.Field):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .data import DATASETS
-    from .methods import METHODS
-
     parser = argparse.ArgumentParser(
         prog="train.py",
         description="Train a semi-supervised segmentation method. With no arguments: FixMatch on the "

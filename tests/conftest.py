@@ -2,7 +2,6 @@
 import os
 
 import pytest
-
 import torch  # noqa: E402  (torch does not import triton; kernel modules do, later)
 
 # Must happen before any kernel module imports triton: without a GPU, kernels run in the interpreter.

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from semiseg_fast.engine.bank import (
+from semiseg_fast.methods.bank import (
     ClassMemoryBank,
     ctt_admission_k,
     prototype_sums,

@@ -4,8 +4,7 @@ import os
 import pytest
 import torch
 
-from semiseg_fast.data import DATASETS, SegData, build_dataset
-from semiseg_fast.data import synthetic
+from semiseg_fast.data import DATASETS, SegData, build_dataset, synthetic
 from semiseg_fast.data.augment import rgb_to_hsv
 from semiseg_fast.data.splits import labeled_count, labeled_split, parse_labeled
 from semiseg_fast.data.synthetic import (
@@ -15,7 +14,6 @@ from semiseg_fast.data.synthetic import (
     generate_scenes,
     load_synthetic,
 )
-
 
 # -- synthetic scenes ---------------------------------------------------------------------------
 

@@ -80,12 +80,12 @@ def _worker(rank, port, tmp, job):
 
 
 def _syncbn_case(rank):
-    from semiseg_fast.engine.distributed import CPUSyncBatchNorm2d, DistEnv
+    from semiseg_fast.engine.distributed import CPUSyncBatchNorm2d, init_distributed
 
     g = torch.Generator().manual_seed(5)
     full = torch.randn(6, 3, 5, 7, generator=g, dtype=torch.float64) * 3 + 1
     upstream = torch.randn(6, 3, 5, 7, generator=g, dtype=torch.float64)
-    env = DistEnv.from_env("cpu")  # joins the gloo group from the torchrun-style variables
+    env = init_distributed("cpu")  # joins the gloo group from the torchrun-style variables
     assert (env.rank, env.world) == (rank, WORLD)
     bn = CPUSyncBatchNorm2d(3, env=env).double()
     with torch.no_grad():

@@ -5,10 +5,11 @@ import pytest
 import torch
 from torch import nn
 
-from semiseg_fast.engine import (
-    EMA, ConfusionMatrix, IndexStream, atomic_save, ema_decay, load_checkpoint, nvtx_range, poly_factor,
-)
+from semiseg_fast.data.streams import IndexStream
+from semiseg_fast.engine import ConfusionMatrix, atomic_save, load_checkpoint, poly_factor
 from semiseg_fast.engine.evaluate import SegMetrics
+from semiseg_fast.methods.ema import EMA, ema_decay
+from semiseg_fast.nvtx import nvtx_range
 
 
 def _net():

@@ -12,8 +12,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_checkout_mounts_top_level_folders():
-    import semiseg_fast
     import semiseg_fast.kernels
+
+    import semiseg_fast
 
     assert Path(semiseg_fast.kernels.__file__).parent == REPO / "kernels"
     assert semiseg_fast.csrc_dir() == REPO / "csrc"

@@ -10,9 +10,9 @@ from semiseg_fast.config import TrainConfig
 from semiseg_fast.data.augment import weak_augment
 from semiseg_fast.data.cityscapes import CityscapesData
 from semiseg_fast.data.files import read_label, sample_seed
+from semiseg_fast.data.streams import IndexStream
 from semiseg_fast.data.voc import VOC_CLASSES, VOCData
-from semiseg_fast.engine.evaluate import ConfusionMatrix, predict, predict_sliding
-from semiseg_fast.engine.streams import IndexStream
+from semiseg_fast.engine.evaluate import ConfusionMatrix, predict, predict_sliding, val_confusion
 from semiseg_fast.engine.trainer import Trainer
 from semiseg_fast.errors import ConfigError, DataError
 
@@ -382,15 +382,15 @@ def test_val_confusion_matches_direct_computation(voc_root, city_root):
     model = PixelModel(21)
     for window in (0, 24):
         data = voc(root, eval_window=window, eval_stride=None)
-        mat = data.val_confusion(model, batch_size=4, device="cpu")
+        mat = val_confusion(data, model, batch_size=4, device="cpu")
         expected = _direct_confusion(model, data.val, 21)
         assert mat.dtype == torch.int64 and torch.equal(mat, expected) and mat.sum() > 0
-        shards = [data.val_confusion(model, batch_size=4, device="cpu", rank=r, world=2) for r in range(2)]
+        shards = [val_confusion(data, model, batch_size=4, device="cpu", rank=r, world=2) for r in range(2)]
         assert torch.equal(shards[0] + shards[1], mat)
     assert model.training  # the prior mode is restored
     city = CityscapesData(city_root, num_workers=0, eval_window=32)
     cmodel = PixelModel(19)
-    assert torch.equal(city.val_confusion(cmodel, batch_size=2, device="cpu"), _direct_confusion(cmodel, city.val, 19))
+    assert torch.equal(val_confusion(city, cmodel, batch_size=2, device="cpu"), _direct_confusion(cmodel, city.val, 19))
 
 
 # -- bad input --------------------------------------------------------------------------------------
@@ -448,7 +448,7 @@ def test_bad_files_name_the_file(voc_root, city_root):
         first_batch(TRAIN[2])
     (voc_root / "JPEGImages" / f"{VAL[2]}.jpg").write_bytes(b"\x00" * 64)
     with pytest.raises(DataError, match=rf"{VAL[2]}.jpg"):
-        data.val_confusion(model, batch_size=1, device="cpu")
+        val_confusion(data, model, batch_size=1, device="cpu")
     # a Cityscapes labelId that does not exist
     city = CityscapesData(city_root, num_workers=0)
     sample = city.train[0]

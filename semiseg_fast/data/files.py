@@ -60,11 +60,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..engine.streams import IndexStream
 from ..errors import ConfigError, DataError
 from ..fileio import atomic_write_text
 from .augment import weak_augment
 from .splits import labeled_split
+from .streams import IndexStream
 
 __all__ = [
     "FileSegData",
@@ -582,46 +582,23 @@ class FileSegData:
                           prefetch=self.prefetch, ignore_index=self.ignore_index)
 
     # -- validation -----------------------------------------------------------------------------
-    @torch.no_grad()
-    def val_confusion(self, model: torch.nn.Module, *, batch_size: int, device: torch.device,
-                      amp_dtype: torch.dtype | None = None, rank: int = 0, world: int = 1) -> torch.Tensor:
-        """This rank's [C, C] confusion matrix over validation images ``rank::world`` at full size.
-
-        One image at a time (sizes differ); ``batch_size`` is how many sliding windows of one size
-        go through the model together.
-        """
-        from ..engine.evaluate import ConfusionMatrix, predict_sliding
-
+    def val_batches(self, *, device: torch.device, batch_size: int = 1, rank: int = 0,
+                    world: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Validation images ``rank::world`` at full size, one at a time (sizes differ): float
+        [1, 3, H, W] in [0, 1] and int64 labels [1, H, W] on ``device``. ``batch_size`` is unused
+        here (the evaluation sends ``batch_size`` sliding windows through the model together)."""
         device = torch.device(device)
-        samples = self.val[rank::world]
-        loader = _loader(_ImageSet(samples), batch_size=None, collate_fn=_first, num_workers=self.num_workers,
-                         device=device, prefetch=self.prefetch)
-        cm = ConfusionMatrix(self.num_classes, device=device, ignore_index=self.ignore_index)
-        was_training = model.training
-        model.eval()
-        bar = None
-        if self.progress:
-            from tqdm.auto import tqdm
+        loader = _loader(_ImageSet(self.val[rank::world]), batch_size=None, collate_fn=_first,
+                         num_workers=self.num_workers, device=device, prefetch=self.prefetch)
+        for item in loader:
+            if isinstance(item, _Failure):
+                raise DataError(item.message)
+            image, label = item
+            yield (image.to(device, non_blocking=True)[None].float().div_(255),
+                   label.to(device, non_blocking=True)[None].long())
 
-            bar = tqdm(total=len(samples), desc=f"val {self.name}", unit="img", leave=False, dynamic_ncols=True)
-        try:
-            for item in loader:
-                if isinstance(item, _Failure):
-                    raise DataError(item.message)
-                image, label = item
-                x = image.to(device, non_blocking=True)[None].float().div_(255)
-                y = label.to(device, non_blocking=True)[None].long()
-                with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.bfloat16,
-                                    enabled=amp_dtype is not None):
-                    pred = predict_sliding(model, x, self.eval_window, self.eval_stride, batch_size=batch_size)
-                cm.update(pred, y)
-                if bar is not None:
-                    bar.update(1)
-        finally:
-            model.train(was_training)
-            if bar is not None:
-                bar.close()
-        return cm.mat
+    def num_val_batches(self, batch_size: int, rank: int = 0, world: int = 1) -> int:
+        return len(self.val[rank::world])
 
 
 def check_dir(path: Path, what: str) -> Path:

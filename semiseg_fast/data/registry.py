@@ -1,6 +1,7 @@
 """Data-set registry: maps ``--data`` names to loaders returning one ``SegData`` bundle."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,10 @@ class SegData:
     num_classes: int
     class_names: tuple[str, ...]
     ignore_index: int = 255
+    #: whole images at validation (no sliding window), and no progress bar: it takes a moment
+    eval_window: int = 0
+    eval_stride: int | None = None
+    progress: bool = False
 
     @property
     def num_train(self) -> int:
@@ -48,12 +53,17 @@ class SegData:
         return TensorStream(images, labels if labeled else None, indices, batch_size=batch_size, seed=seed,
                             crop=crop, rank=rank, world=world)
 
-    def val_confusion(self, model: torch.nn.Module, *, batch_size: int, device: torch.device,
-                      amp_dtype: torch.dtype | None = None, rank: int = 0, world: int = 1) -> torch.Tensor:
-        from ..engine.evaluate import confusion
+    def val_batches(self, *, device: torch.device, batch_size: int, rank: int = 0,
+                    world: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Validation images ``rank::world`` in batches of ``batch_size``: float [b, 3, H, W] in
+        [0, 1] and int64 labels [b, H, W] on ``device``."""
+        images, labels = self.val_images[rank::world], self.val_labels[rank::world]
+        for start in range(0, images.shape[0], batch_size):
+            yield (images[start : start + batch_size].to(device, non_blocking=True).float().div_(255),
+                   labels[start : start + batch_size].to(device, non_blocking=True).long())
 
-        return confusion(model, self.val_images[rank::world], self.val_labels[rank::world], self.num_classes,
-                         batch_size=batch_size, device=device, amp_dtype=amp_dtype, ignore_index=self.ignore_index)
+    def num_val_batches(self, batch_size: int, rank: int = 0, world: int = 1) -> int:
+        return -(-self.val_images[rank::world].shape[0] // batch_size)
 
     def validate(self, name: str) -> "SegData":
         for split, labels in (("train", self.train_labels), ("val", self.val_labels)):

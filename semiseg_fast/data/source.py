@@ -10,8 +10,11 @@ at how images are stored (one in-memory tensor for the generated sets, files for
   [b, 3, crop, crop] in [0, 1] and int64 labels with the ignore index on padding, or for an
   unlabeled stream the bool padding mask (True outside the source image); ``state_dict()`` and
   ``load_state_dict()`` make resume exact;
-- ``val_confusion(model, batch_size=, device=, amp_dtype=, rank=, world=)`` -> this rank's
-  [C, C] int64 confusion matrix (rows truth, columns prediction).
+- ``val_batches(device=, batch_size=, rank=, world=)`` -> this rank's validation images
+  ``rank::world`` as (float [b, 3, H, W] in [0, 1], int64 [b, H, W]) pairs on the device, with
+  ``num_val_batches(batch_size, rank, world)`` of them; ``eval_window`` and ``eval_stride`` say
+  how the evaluation (``engine.evaluate.val_confusion``) predicts them: whole images (0) or
+  UniMatch's sliding window; ``progress`` whether it shows a bar.
 
 Distributed data parallel: with ``world`` > 1 a stream draws the *global* batch (``batch_size``
 x ``world`` indices, the same on every rank because the index stream is seeded alike) and keeps
@@ -24,8 +27,8 @@ from __future__ import annotations
 
 import torch
 
-from ..engine.streams import IndexStream
 from .augment import weak_augment
+from .streams import IndexStream
 
 __all__ = ["TensorStream", "pinned_to"]
 

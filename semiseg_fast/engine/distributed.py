@@ -1,6 +1,6 @@
 """Multi-process data parallel training through ``torchrun`` (one process per GPU, or CPU on gloo).
 
-``DistEnv.from_env()`` reads torchrun's variables (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``) and
+``init_distributed()`` reads torchrun's variables (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``) and
 joins the process group (NCCL on CUDA, gloo on CPU); without them it is the single process
 ``DistEnv()``, whose collectives are identities, so no method needs an ``if distributed``.
 
@@ -22,74 +22,31 @@ What is synchronised, and how (all with tensor collectives, never pickled object
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-__all__ = ["CPUSyncBatchNorm2d", "DistEnv", "convert_sync_batchnorm"]
+from ..collectives import DistEnv
+
+__all__ = ["CPUSyncBatchNorm2d", "DistEnv", "convert_sync_batchnorm", "init_distributed"]
 
 
-def _funcol():
-    import torch.distributed._functional_collectives as funcol
-
-    return funcol
-
-
-@dataclass(frozen=True)
-class DistEnv:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @staticmethod
-    def from_env(device_type: str) -> "DistEnv":
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world <= 1:
-            return DistEnv()
-        rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-        if not dist.is_initialized():
-            if device_type == "cuda":
-                torch.cuda.set_device(local_rank)
-            dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
-        if dist.get_world_size() != world or dist.get_rank() != rank:
-            raise RuntimeError(f"process group (rank {dist.get_rank()} of {dist.get_world_size()}) does not match "
-                               f"RANK={rank} WORLD_SIZE={world}")
-        return DistEnv(rank, world, local_rank)
-
-    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        """Sum (or ``"max"``) over ranks as a new tensor: differentiable, traceable by
-        ``torch.compile``; the identity in a single process."""
-        if not self.enabled:
-            return tensor
-        out = _funcol().all_reduce(tensor, op, dist.group.WORLD)
-        return out.wait() if hasattr(out, "wait") else out
-
-    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        return self.all_reduce(tensor, "sum")
-
-    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Concatenation along dim 0 of every rank's ``tensor`` (same shape on all ranks), rank order.
-
-        For detached data only (bank keys, labels, masks); bool goes through uint8.
-        """
-        if not self.enabled:
-            return tensor
-        src = tensor.detach().contiguous()
-        wire = src.to(torch.uint8) if src.dtype == torch.bool else src
-        parts = [torch.empty_like(wire) for _ in range(self.world)]
-        dist.all_gather(parts, wire)
-        out = torch.cat(parts)
-        return out.bool() if src.dtype == torch.bool else out
+def init_distributed(device_type: str) -> DistEnv:
+    """Join the process group torchrun describes (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``): NCCL on
+    CUDA, gloo on CPU. Without those variables: the single process ``DistEnv()``."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistEnv()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        if device_type == "cuda":
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    if dist.get_world_size() != world or dist.get_rank() != rank:
+        raise RuntimeError(f"process group (rank {dist.get_rank()} of {dist.get_world_size()}) does not match "
+                           f"RANK={rank} WORLD_SIZE={world}")
+    return DistEnv(rank, world, local_rank)
 
 
 class CPUSyncBatchNorm2d(nn.BatchNorm2d):

@@ -1,4 +1,9 @@
-"""Confusion-matrix evaluation that stays on the device until the final summary."""
+"""Confusion-matrix evaluation that stays on the device until the final summary.
+
+``val_confusion(data, model, ...)`` is the evaluation loop the trainer runs: the data set hands out
+validation batches (``val_batches``) and says how to look at them (``eval_window``,
+``eval_stride``: whole images or UniMatch's sliding window); this module predicts and counts.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .nvtx import nvtx_range
+from ..nvtx import nvtx_range
 
 
 class ConfusionMatrix:
@@ -161,3 +166,33 @@ def predict_sliding(model: torch.nn.Module, images: torch.Tensor, window: int, s
                 total[:, :, r0:r1, c0:c1] += probs[k * b : (k + 1) * b]
                 count[:, :, r0:r1, c0:c1] += 1
     return (total / count).argmax(1)
+
+
+@torch.no_grad()
+def val_confusion(data, model: torch.nn.Module, *, batch_size: int, device: torch.device | str,
+                  amp_dtype: torch.dtype | None = None, rank: int = 0, world: int = 1) -> torch.Tensor:
+    """This rank's [C, C] int64 confusion matrix (rows truth, columns prediction) of ``model`` over
+    the validation images ``rank::world`` of ``data`` (see ``data/source.py`` for what a data set
+    offers). The model is left in its prior mode; under DDP the trainer sums the ranks' matrices."""
+    device = torch.device(device)
+    cm = ConfusionMatrix(data.num_classes, device=device, ignore_index=data.ignore_index)
+    was_training = model.training
+    model.eval()
+    bar = None
+    if data.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=data.num_val_batches(batch_size, rank, world), desc=f"val {getattr(data, 'name', '')}".strip(),
+                   unit="img", leave=False, dynamic_ncols=True)
+    try:
+        for x, y in data.val_batches(device=device, batch_size=batch_size, rank=rank, world=world):
+            with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+                pred = predict_sliding(model, x, data.eval_window, data.eval_stride, batch_size=batch_size)
+            cm.update(pred, y)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        model.train(was_training)
+        if bar is not None:
+            bar.close()
+    return cm.mat

@@ -18,16 +18,15 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..config import TrainConfig
 from ..data import build_dataset
 from ..data.splits import parse_labeled
 from ..errors import ConfigError, NonFiniteLossError
 from ..methods import build_method
+from ..nvtx import nvtx_range
 from .checkpoint import atomic_save, load_checkpoint
-from .distributed import DistEnv, convert_sync_batchnorm
-from .evaluate import SegMetrics
+from .distributed import convert_sync_batchnorm, init_distributed
+from .evaluate import SegMetrics, val_confusion
 from .logger import ScalarLogger
-from .nvtx import nvtx_range
 from .optim import build_sgd, poly_factor, set_lr
 
 
@@ -62,11 +61,14 @@ def _progress_bar(total: int, initial: int, enabled: bool):
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, echo=print):
+    """One training run of ``cfg`` (a ``semiseg_fast.config.TrainConfig``, which the engine reads
+    by attribute and never imports: the config sits above the engine); ``echo`` prints."""
+
+    def __init__(self, cfg, echo=print):
         self.cfg = cfg.validate()
         self.echo = echo
         self.device = resolve_device(cfg.device)
-        self.dist = DistEnv.from_env(self.device.type)
+        self.dist = init_distributed(self.device.type)
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
         configure_determinism(cfg.deterministic, self.device)
@@ -238,9 +240,9 @@ class Trainer:
 
     def run_eval(self) -> SegMetrics:
         with nvtx_range("eval"):
-            mat = self.data.val_confusion(self.method.eval_model(), batch_size=self.cfg.eval_batch_size,
-                                          device=self.device, amp_dtype=self.amp_dtype, rank=self.dist.rank,
-                                          world=self.dist.world)
+            mat = val_confusion(self.data, self.method.eval_model(), batch_size=self.cfg.eval_batch_size,
+                                device=self.device, amp_dtype=self.amp_dtype, rank=self.dist.rank,
+                                world=self.dist.world)
             metrics = SegMetrics.from_confusion(self.dist.all_reduce_sum(mat))
         self.last_metrics = metrics
         scalars = {"val/mIoU": metrics.miou, "val/pixel_acc": metrics.pixel_acc}

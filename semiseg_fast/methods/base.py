@@ -25,9 +25,9 @@ import copy
 import torch
 from torch import nn
 
-from ..config import TrainConfig
-from ..engine.distributed import DistEnv
+from ..collectives import DistEnv
 from ..models import build_model
+from .options import Options
 
 Batch = dict[str, torch.Tensor]
 
@@ -36,9 +36,9 @@ class Method(nn.Module):
     name = "base"
     #: default model preset (``--arch``)
     ARCH = "deeplabv3plus"
-    #: the method's own options (``TrainConfig`` fields) at their paper values ...
-    DEFAULTS: dict = {}
-    #: ... and the values that differ in the CPU-sized preset for the synthetic set
+    #: the method's own options (a dataclass of ``options.Options``; their paper values are the defaults) ...
+    OPTIONS: type[Options] | None = None
+    #: ... and the values that differ in the CPU-sized preset for the generated sets (any option)
     SYNTHETIC: dict = {}
     #: whether the engine should draw an unlabeled batch each step
     uses_unlabeled = True
@@ -49,7 +49,9 @@ class Method(nn.Module):
     #: the process group view (set by the engine); single process by default
     dist = DistEnv()
 
-    def __init__(self, cfg: TrainConfig, num_classes: int):
+    def __init__(self, cfg, num_classes: int):
+        # cfg: the run's configuration (``semiseg_fast.config.TrainConfig``, which holds every
+        # field of ``OPTIONS`` and the model options), read by attribute only
         super().__init__()
         self.cfg = cfg
         self.num_classes = num_classes

@@ -19,7 +19,7 @@ student. For student l and its peer r = (l + 1) mod P, per iteration:
 After the optimizer step each teacher is updated by EMA (decay min(1 - 1/(t + 1), 0.99)) and then
 writes its bank from the labeled batch at 1/8: per class the pixels whose GT is c, whose arg-max is
 c and whose maximal **raw logit** is >= 0.95 (no softmax, as the code), best k by that logit, k =
-max(2 Q / N_l, batch size) (``engine.bank.ctt_admission_k``). HC and LC switch on once every queue of
+max(2 Q / N_l, batch size) (``bank.ctt_admission_k``). HC and LC switch on once every queue of
 every bank is full.
 
 Paper, not code: the released scripts compute HC and LC but never add them to the loss; we add
@@ -31,14 +31,15 @@ in w; pair 0's teacher is the evaluated model.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from .. import ops
 from ..data.augment import mix
-from ..engine.bank import ClassMemoryBank, ctt_admission_k, topk_admission
-from ..engine.ema import EMA, ema_decay
-from ..engine.nvtx import nvtx_range
+from ..nvtx import nvtx_range
+from .bank import ClassMemoryBank, ctt_admission_k, topk_admission
 from .base import Batch, Method
 from .common import (
     IGNORE,
@@ -50,16 +51,35 @@ from .common import (
     to_rows,
     upsample,
 )
+from .ema import EMA, ema_decay
+from .options import FRACTION, INT_AT_LEAST_1, NON_NEGATIVE, Options, one_of, option
 
 PL_WEIGHT_THRESH = 0.968  # confidence counted in the pseudo-label weight w
 BANK_LOGIT = 0.95  # bank admission: maximal raw logit at least this
 TAU_HC, TAU_LC = 0.1, 0.5
 
 
+@dataclass
+class CTTOptions(Options):
+    """``--ctt-*`` (None = the paper's value)."""
+
+    ctt_pairs: int | None = option("ctt: student-teacher pairs (2 or 3)", paper=2, check=one_of(2, 3))
+    ctt_bank: int | None = option("ctt: memory bank entries per class (paper code 256)", paper=256,
+                                  check=INT_AT_LEAST_1)
+    ctt_gamma: float | None = option("ctt: cross-teacher confidence splitting HC from LC anchors", paper=0.75,
+                                     check=FRACTION)
+    ctt_hc_weight: float | None = option("ctt: weight of the high-confidence contrast (paper's value lost; ours)",
+                                         paper=0.1, check=NON_NEGATIVE)
+    ctt_lc_weight: float | None = option("ctt: weight of the low-confidence contrast (paper's value lost; ours)",
+                                         paper=0.1, check=NON_NEGATIVE)
+    ctt_directional: bool = option("ctt: LC only where the peer student is more confident (paper); off = v2 script",
+                                   default=True)
+
+
 class CTT(Method):
     name = "ctt"
     ARCH = "deeplabv2"
-    DEFAULTS = {"ctt_pairs": 2, "ctt_bank": 256, "ctt_gamma": 0.75, "ctt_hc_weight": 0.1, "ctt_lc_weight": 0.1}
+    OPTIONS = CTTOptions
     SYNTHETIC = {}  # the paper's sizes already fit the CPU preset
 
     def __init__(self, cfg, num_classes):

@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 
 from ..data.augment import mix
-from ..engine.ema import EMA, ema_decay
-from ..engine.nvtx import nvtx_range
+from ..nvtx import nvtx_range
 from .base import Batch, Method
 from .common import confident_ce, pseudo_label, strong_cutmix_view, supervised_ce, upsample
+from .ema import EMA, ema_decay
 
 
 class FixMatch(Method):

@@ -14,12 +14,26 @@ Our choices where the paper is silent (spec section 4 and issue text):
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .. import ops
 from ..data.augment import mix
-from ..engine.nvtx import nvtx_range
+from ..nvtx import nvtx_range
+from .options import FRACTION, NON_NEGATIVE, POSITIVE, Options, option
 from .unimatch import WEIGHTS, UniMatch
+
+
+@dataclass
+class IPixMatchOptions(Options):
+    """``--ipix-*``."""
+
+    ipix_weight: float = option("ipixmatch: weight alpha of the spatial KL term", default=1.0, check=NON_NEGATIVE)
+    ipix_warmup: float = option("ipixmatch: fraction of the run over which alpha ramps up", default=0.0625,
+                                check=FRACTION)
+    ipix_temperature: float = option("ipixmatch: softmax temperature over pixels", default=4.0, check=POSITIVE)
+    ipix_tau: float = option("ipixmatch: teacher confidence for the pixel set Omega", default=0.8, check=FRACTION)
 
 
 def gaussian_rampup(progress: torch.Tensor, warmup: float) -> torch.Tensor:
@@ -32,6 +46,7 @@ def gaussian_rampup(progress: torch.Tensor, warmup: float) -> torch.Tensor:
 
 class IPixMatch(UniMatch):
     name = "ipixmatch"
+    OPTIONS = IPixMatchOptions
 
     def losses(self, batch, progress):
         terms, extras = self.unimatch_losses(batch)

@@ -34,14 +34,16 @@ ClassMix on Cityscapes, nothing on VOC). With fewer than 21 pixels per image the
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
 from ..data.augment import mix
-from ..engine.bank import prototypes
-from ..engine.nvtx import nvtx_range
+from ..nvtx import nvtx_range
+from .bank import prototypes
 from .base import Batch, Method
 from .common import (
     IGNORE,
@@ -53,6 +55,7 @@ from .common import (
     to_rows,
     upsample,
 )
+from .options import FRACTION, INT_AT_LEAST_1, NON_NEGATIVE, Options, option, require
 
 K_NEIGHBOURS = 21
 CONF = 0.95  # confident pixel for the graph mix and the class counts
@@ -149,11 +152,33 @@ def affinity_bce(f: torch.Tensor, labels: torch.Tensor, eps: float = 1e-4) -> to
     return (bce * pair).sum() / pair.sum().clamp(min=1)
 
 
+@dataclass
+class MLLCOptions(Options):
+    """``--mllc-*`` (None = the method's default for the data set: the paper's, or the synthetic preset)."""
+
+    mllc_rounds: int | None = option("mllc: graph rounds K", paper=2, check=INT_AT_LEAST_1)
+    mllc_official_mask: bool = option("mllc: the official scrambled class-graph mask instead of label equality",
+                                      default=False)
+    mllc_batch_graph: bool = option("mllc: one graph over all pixels of the batch (inter-image) instead of one per "
+                                    "image", default=False)
+    mllc_proto_weight: float | None = option("mllc: weight of the prototype (inter-image SLG) loss", paper=0.1,
+                                             check=NON_NEGATIVE)
+    mllc_proto_start: float | None = option("mllc: fraction of the run before the prototype loss starts",
+                                            paper=2000 / 160000, check=FRACTION)
+    mllc_affinity_weight: float | None = option("mllc: weight of the intra-image affinity BCE (commented out in the "
+                                                "code; 0 = official)", paper=0.1, check=NON_NEGATIVE)
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        super().check(cfg)
+        require(cfg, not (cfg.mllc_batch_graph and cfg.mllc_official_mask), "mllc_batch_graph",
+                "the official class-graph layout (--mllc-official-mask) is per image; use one of the two")
+
+
 class MLLC(Method):
     name = "mllc"
     ARCH = "deeplabv2"
-    DEFAULTS = {"mllc_rounds": 2, "mllc_proto_weight": 0.1, "mllc_proto_start": 2000 / 160000,
-                "mllc_affinity_weight": 0.1}
+    OPTIONS = MLLCOptions
     SYNTHETIC = {"mllc_proto_start": 0.1}
 
     def __init__(self, cfg, num_classes):

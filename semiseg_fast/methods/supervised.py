@@ -1,7 +1,7 @@
 """Supervised baseline: cross-entropy on the labeled batch only."""
 from __future__ import annotations
 
-from ..engine.nvtx import nvtx_range
+from ..nvtx import nvtx_range
 from .base import Batch, Method
 from .common import supervised_ce, upsample
 

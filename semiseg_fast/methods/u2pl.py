@@ -38,16 +38,19 @@ during the burn-in the teacher is left alone and becomes a copy of the student a
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from .. import ops
 from ..data.augment import u2pl_cutmix, u2pl_cutmix_mask
-from ..engine.bank import ClassMemoryBank, prototypes, sample_masked
-from ..engine.ema import EMA, ema_decay
-from ..engine.nvtx import nvtx_range
+from ..nvtx import nvtx_range
+from .bank import ClassMemoryBank, prototypes, sample_masked
 from .base import Batch, Method
 from .common import IGNORE, downsample_nearest, supervised_ce, to_rows, upsample
+from .ema import EMA, ema_decay
+from .options import FRACTION, INT_AT_LEAST_1, NON_NEGATIVE, Options, option
 
 DROP = 20.0  # percent of unlabeled pixels dropped at the start (drop_percent 80)
 ALPHA0 = 20.0  # low/high entropy percentile at the start
@@ -57,6 +60,24 @@ NEG_PROB = 1.0  # negative: teacher probability of the class below this (inactiv
 NUM_ANCHORS, NUM_NEGATIVES = 256, 50
 TEMPERATURE = 0.5
 CUTMIX_P = 0.5
+
+
+@dataclass
+class U2PLOptions(Options):
+    """``--u2pl-*`` (None = the method's default for the data set: the paper's, or the synthetic preset)."""
+
+    u2pl_contrast_weight: float | None = option("u2pl: weight of the contrastive loss (paper 0.1; official code 1)",
+                                                paper=0.1, check=NON_NEGATIVE)
+    u2pl_queue: int | None = option("u2pl: negative queue length per class (paper 30000)", paper=30000,
+                                    check=INT_AT_LEAST_1)
+    u2pl_queue_bg: int | None = option("u2pl: negative queue length of class 0 (paper 50000)", paper=50000,
+                                       check=INT_AT_LEAST_1)
+    u2pl_sup_only: float | None = option("u2pl: fraction of the run trained supervised only (paper 1 of 80 epochs)",
+                                         paper=1 / 80, check=FRACTION)
+    u2pl_official_q1: bool = option("u2pl: reproduce official bug Q1 (negatives of class V[i] for anchors of class i)",
+                                    default=False)
+    u2pl_official_q2: bool = option("u2pl: reproduce official bug Q2 (negatives must carry the class's own label)",
+                                    default=False)
 
 
 def drop_weighted_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -145,8 +166,7 @@ class U2PL(Method):
     name = "u2pl"
     ARCH = "deeplabv3plus_u2pl"
     ddp_find_unused_parameters = True  # the rep head is idle during the supervised burn-in
-    DEFAULTS = {"u2pl_contrast_weight": 0.1, "u2pl_queue": 30000, "u2pl_queue_bg": 50000,
-                "u2pl_sup_only": 1 / 80}
+    OPTIONS = U2PLOptions
     # CPU preset: the UniMatch DeepLabV3+ (OS 16, the supervised baseline's model, half the cost
     # of U2PL's OS-8 512-channel decoder) with a rep head; 16 images of 16 x 16 rep pixels per
     # step, so queues get the share of a step's pixels that 30000 has of VOC's 133k; 5 % burn-in.

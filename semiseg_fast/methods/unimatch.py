@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..data.augment import cutmix_box, mix, strong_augment
-from ..engine.nvtx import nvtx_range
+from ..nvtx import nvtx_range
 from .base import Batch, Method
 from .common import confident_ce, pseudo_label, supervised_ce, upsample
 

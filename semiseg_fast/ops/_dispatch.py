@@ -12,14 +12,16 @@ Mode resolution (first that is set wins):
 ``"auto"`` runs the fused kernel for CUDA tensors when one is registered and the reference
 otherwise.
 
-Kernels plug in without touching the ops: a module ``kernels/<hot path>.py`` (importable as
-``semiseg_fast.kernels.<hot path>``) defines ``LAUNCHERS = {"<op name>": launcher, ...}``. The
-modules are imported once, when ``semiseg_fast.ops`` is imported, so that the lookup a public op
-does while torch.compile traces it is a plain dict read (an import would break the graph). The
-kernel modules never import ``semiseg_fast.ops``: the arrow stays ``kernels <- ops``. A launcher
-takes the same arguments as the op's reference body (listed in each op module) and receives
-contiguous tensors; it may carry an ``accepts(*args) -> bool`` attribute, and inputs it does not
-accept run the reference under "auto" and fail, naming their dtypes, under "triton".
+Each op module imports its kernel module explicitly (``from ..kernels import spatial_kl``, the
+top-level ``kernels/`` folder mounted as ``semiseg_fast.kernels``) and hands it to its
+:class:`HotPath`, which registers the module's ``LAUNCHERS = {"<op name>": launcher, ...}``.
+That happens once, when ``semiseg_fast.ops`` is imported, so that the lookup a public op does
+while torch.compile traces it is a plain dict read (an import would break the graph). The kernel
+modules import nothing from the package: the arrow stays ``kernels <- ops``. A launcher takes the
+same arguments as the op's reference body (listed in each op module) and receives contiguous
+tensors; it may carry an ``accepts(*args) -> bool`` attribute, and inputs it does not accept run
+the reference under "auto" and fail, naming their dtypes, under "triton". Without Triton the
+import fails, the error is kept, and "triton" reports it.
 
 Eager calls read ``SEMISEG_IMPL`` at every call. Compiled graphs fix the mode when traced:
 ``use_impl`` sets a module global that dynamo guards (entering or leaving a context re-traces),
@@ -30,20 +32,16 @@ process-wide, not per thread.
 from __future__ import annotations
 
 import contextlib
-import importlib
-import importlib.util
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
+from types import ModuleType
 
 import torch
 from torch import Tensor
 
 IMPLS = ("auto", "reference", "triton")
 ENV_VAR = "SEMISEG_IMPL"
-
-# Hot-path modules, named alike under semiseg_fast/ops/ and kernels/.
-HOT_PATHS = ("spatial_kl", "entropy_percentile", "contrast", "graph")
 
 KERNELS: dict[str, Callable] = {}
 _IMPORT_ERRORS: dict[str, str] = {}
@@ -55,26 +53,6 @@ def register_kernel(op: str, launcher: Callable) -> None:
     if not callable(launcher):
         raise TypeError(f"launcher: expected a callable for op {op!r}, got {type(launcher)}")
     KERNELS[op] = launcher
-
-
-def _discover_kernels() -> None:
-    for path in HOT_PATHS:
-        name = f"semiseg_fast.kernels.{path}"
-        try:
-            found = importlib.util.find_spec(name) is not None
-        except ImportError:  # no semiseg_fast.kernels package at all
-            return
-        except ValueError:  # already in sys.modules without a spec: take it as it is
-            found = True
-        if not found:
-            continue
-        try:
-            module = importlib.import_module(name)
-        except ImportError as exc:  # triton missing (macOS, Windows): references only
-            _IMPORT_ERRORS[path] = f"{name} failed to import ({exc})"
-            continue
-        for op, launcher in getattr(module, "LAUNCHERS", {}).items():
-            register_kernel(op, launcher)
 
 
 def _check_mode(mode: object, source: str) -> str:
@@ -118,21 +96,23 @@ def requested_mode(impl: str | None = None) -> str:
 
 
 def _missing_kernel(op: str, hot_path: str) -> NotImplementedError:
-    why = _IMPORT_ERRORS.get(hot_path) or (
-        f"the fused Triton kernel does not exist yet: it lands with its kernel issue "
-        f"(kernels/{hot_path}.py registering {op!r} in LAUNCHERS)")
+    why = _IMPORT_ERRORS.get(hot_path) or f"kernels/{hot_path}.py registers no {op!r} in LAUNCHERS"
     return NotImplementedError(
         f"semiseg::{op}: the 'triton' implementation was requested (impl=, use_impl or "
         f"{ENV_VAR}) but there is no kernel to run; {why}. Use 'reference' or 'auto' meanwhile.")
 
 
 class HotPath:
-    """Dispatch for the ops of one hot path (``kernels/<name>.py`` provides their kernels)."""
+    """Dispatch for the ops of one hot path; ``kernels`` is its kernel module (``kernels/<name>.py``)
+    or the ImportError its import raised."""
 
-    def __init__(self, name: str) -> None:
-        if name not in HOT_PATHS:
-            raise ValueError(f"name: expected one of {HOT_PATHS}, got {name!r}")
+    def __init__(self, name: str, kernels: ModuleType | ImportError) -> None:
         self.name = name
+        if isinstance(kernels, ImportError):  # triton missing (macOS, Windows): references only
+            _IMPORT_ERRORS[name] = f"kernels/{name}.py failed to import ({kernels})"
+            return
+        for op, launcher in kernels.LAUNCHERS.items():
+            register_kernel(op, launcher)
 
     def resolve(self, impl: str | None, *ops: str) -> str:
         """Mode for a call that will run ``ops`` (forward and backward): checked up front, so
@@ -257,5 +237,3 @@ def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
         raise ValueError(f"{name}: expected one of {tuple(choices)}, got {value!r}")
     return value
 
-
-_discover_kernels()

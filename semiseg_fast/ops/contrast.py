@@ -49,7 +49,11 @@ from torch import Tensor
 from .. import reference as ref
 from . import _dispatch as d
 
-_PATH = d.HotPath("contrast")
+try:
+    from ..kernels import contrast as _kernels
+except ImportError as exc:  # no Triton on this platform: the references serve every call
+    _kernels = exc
+_PATH = d.HotPath("contrast", _kernels)
 _MODES = ("hc", "lc")
 _DEFAULT_TEMPERATURE = {"hc": 0.1, "lc": 0.5}
 _PRECISIONS = ("auto", "ieee", "tf32")

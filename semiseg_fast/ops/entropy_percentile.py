@@ -53,7 +53,11 @@ from torch import Tensor
 from .. import reference as ref
 from . import _dispatch as d
 
-_PATH = d.HotPath("entropy_percentile")
+try:
+    from ..kernels import entropy_percentile as _kernels
+except ImportError as exc:  # no Triton on this platform: the references serve every call
+    _kernels = exc
+_PATH = d.HotPath("entropy_percentile", _kernels)
 
 QLike = int | float | Sequence[float] | Tensor
 

@@ -44,7 +44,11 @@ from torch import Tensor
 from .. import reference as ref
 from . import _dispatch as d
 
-_PATH = d.HotPath("graph")
+try:
+    from ..kernels import graph as _kernels
+except ImportError as exc:  # no Triton on this platform: the references serve every call
+    _kernels = exc
+_PATH = d.HotPath("graph", _kernels)
 
 Conv = Callable[[Tensor], Tensor]
 

@@ -24,7 +24,11 @@ from torch import Tensor
 from .. import reference as ref
 from . import _dispatch as d
 
-_PATH = d.HotPath("spatial_kl")
+try:
+    from ..kernels import spatial_kl as _kernels
+except ImportError as exc:  # no Triton on this platform: the references serve every call
+    _kernels = exc
+_PATH = d.HotPath("spatial_kl", _kernels)
 _REDUCTIONS = ("mean", "sum", "none")
 
 
