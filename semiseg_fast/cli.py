@@ -1,4 +1,10 @@
-"""Command-line entry point behind ``train.py`` and the ``semiseg-train`` script."""
+"""Command-line entry point behind ``train.py`` and the ``semiseg-train`` script.
+
+Every expected failure ends in one line on stderr that names the cause and the argument or file,
+and an exit status: 2 for a bad command line or configuration (``ConfigError``), 1 for a failure
+while running (bad or missing data, a corrupt checkpoint, a full disk, a permission, a NaN run),
+130 for an interrupt. ``--debug`` (or ``SEMISEG_DEBUG=1``) shows the traceback instead.
+"""
 from __future__ import annotations
 
 import os
@@ -6,10 +12,15 @@ import sys
 import time
 
 from .config import parse_config
-from .errors import ConfigError, DataError, NonFiniteLossError
+from .errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
+
+USAGE_ERROR, RUN_ERROR, INTERRUPTED = 2, 1, 130
+RUN_ERRORS = (DataError, NonFiniteLossError, CheckpointError, OSError)
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or bool(os.environ.get("SEMISEG_DEBUG"))
     try:
         cfg = parse_config(argv)
         from .engine.trainer import Trainer
@@ -27,13 +38,13 @@ def main(argv: list[str] | None = None) -> int:
             f"after {trainer.step} iterations, {time.perf_counter() - t0:.0f} s:")
         say(metrics.table(trainer.data.class_names))
         return 0
-    except (ConfigError, DataError, NonFiniteLossError, FileNotFoundError) as e:
-        if os.environ.get("SEMISEG_DEBUG"):
+    except (ConfigError, *RUN_ERRORS) as e:
+        if debug:
             raise
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return USAGE_ERROR if isinstance(e, ConfigError) else RUN_ERROR
     except KeyboardInterrupt:
-        return 130
+        return INTERRUPTED
     finally:
         import torch.distributed as dist
 

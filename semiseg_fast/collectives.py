@@ -36,17 +36,22 @@ class DistEnv:
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """Sum (or ``"max"``) over ranks as a new tensor: differentiable, traceable by
-        ``torch.compile``; the identity in a single process."""
+        ``torch.compile``; the identity in a single process.
+
+        ``tensor`` any dtype [...] -> the same dtype and shape.
+        """
         if not self.enabled:
             return tensor
         out = _funcol().all_reduce(tensor, op, dist.group.WORLD)
         return out.wait() if hasattr(out, "wait") else out
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``all_reduce(tensor, "sum")``: ``tensor`` any dtype [...] -> the same dtype and shape."""
         return self.all_reduce(tensor, "sum")
 
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Concatenation along dim 0 of every rank's ``tensor`` (same shape on all ranks), rank order.
+        """Concatenation along dim 0 of every rank's ``tensor`` (same shape on all ranks), rank order:
+        ``tensor`` any dtype [N, ...] -> the same dtype [world * N, ...].
 
         For detached data only (bank keys, labels, masks); bool goes through uint8.
         """

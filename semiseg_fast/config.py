@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -27,7 +28,7 @@ class Target:
 
     method: str = field(default="fixmatch", metadata={"help": "training method (the list is at the end of --help)"})
     data: str = field(default="synthetic", metadata={"help": "data set name (the list is at the end of --help)"})
-    root: str | None = field(default=None, metadata={"help": "data set root folder (fashion: holds the 4 Fashion-MNIST .gz files; None = /usr/share/datasets/fashion-mnist; voc: the VOC2012 folder; cityscapes: the folder of leftImg8bit/ and gtFine/)"})
+    root: str | None = field(default=None, metadata={"help": "data set root folder (fashion: holds the 4 Fashion-MNIST .gz files, by default /usr/share/datasets/fashion-mnist; voc: the VOC2012 folder; cityscapes: the folder of leftImg8bit/ and gtFine/)"})
     labeled: str = field(default="1/16", metadata={"help": "labeled fraction ('1/16', '0.25') or count ('92')"})
 
 
@@ -117,6 +118,10 @@ class TrainConfig(*reversed(SECTIONS)):  # dataclass fields come base-last first
             require(self, cond, name, what)
 
         need(self.method in METHODS, "method", f"expected one of {sorted(METHODS)}")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float):
+                need(math.isfinite(value), f.name, "expected a finite number")
         need(self.data in DATASETS, "data", f"expected one of {sorted(DATASETS)}")
         self.resolve_method_defaults()
         need(self.arch in MODELS, "arch", f"expected one of {list(MODELS)}")
@@ -175,13 +180,38 @@ class TrainConfig(*reversed(SECTIONS)):  # dataclass fields come base-last first
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
+def finite_float(text: str) -> float:
+    """argparse type of every float option: nan and inf are refused where they are typed."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
 def _arg_type(f: dataclasses.Field):
     kind = f.type if isinstance(f.type, str) else f.type.__name__
     if kind.startswith("int"):
         return int
     if kind.startswith("float"):
-        return float
+        return finite_float
     return str
+
+
+def _help(f: dataclasses.Field) -> str:
+    """The field's help with its default said once: the paper value of a method option (and the
+    generated sets' preset where one differs), the plain default otherwise; a help text that
+    already explains its default keeps its own words."""
+    text = f.metadata["help"]
+    if "default" in text:
+        return text
+    if "paper" not in f.metadata:
+        return f"{text} (default: {'none' if f.default is None else f.default})"
+    presets = sorted({str(m.SYNTHETIC[f.name]) for m in METHODS.values() if f.name in m.SYNTHETIC})
+    preset = f"; {', '.join(presets)} on the generated sets" if presets else ""
+    return f"{text} (default: {f.metadata['paper']:g}{preset})"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -190,20 +220,22 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a semi-supervised segmentation method. With no arguments: FixMatch on the "
         "built-in synthetic data set with 1/16 of the labels, on the CPU in a few minutes.",
         epilog=f"methods: {', '.join(sorted(METHODS))}; data sets: {', '.join(sorted(DATASETS))}",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.type in (bool, "bool"):
-            parser.add_argument(flag, default=f.default, action=argparse.BooleanOptionalAction, help=f.metadata["help"])
+            parser.add_argument(flag, default=f.default, action=argparse.BooleanOptionalAction, help=_help(f))
         else:
-            parser.add_argument(flag, type=_arg_type(f), default=f.default, help=f.metadata["help"])
+            parser.add_argument(flag, type=_arg_type(f), default=f.default, help=_help(f))
+    # read by the command line (cli.py) before parsing; listed here so that --help shows it
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
     return parser
 
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
-    args = build_parser().parse_args(argv)
-    cfg = TrainConfig(**vars(args))
+    args = vars(build_parser().parse_args(argv))
+    args.pop("debug")
+    cfg = TrainConfig(**args)
     if cfg.cache_dir == "":
         cfg.cache_dir = None
     return cfg.validate()

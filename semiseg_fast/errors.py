@@ -11,3 +11,8 @@ class DataError(ValueError):
 
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN or infinite loss; the message names the first bad step."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, truncated, corrupt, unsafe to load or of another run; the message
+    names the file."""

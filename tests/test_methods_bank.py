@@ -11,8 +11,9 @@ from semiseg_fast.config import TrainConfig
 from semiseg_fast.engine.trainer import Trainer
 from semiseg_fast.methods import METHODS, method_defaults
 from semiseg_fast.methods.common import IGNORE
-from semiseg_fast.methods.mllc import affinity_bce
-from semiseg_fast.methods.u2pl import drop_weighted_ce, negative_mask, processed_rows
+from semiseg_fast.methods.mllc import affinity_bce, count_confident
+from semiseg_fast.methods.u2pl import drop_weighted_ce
+from semiseg_fast.methods.u2pl_sampling import negative_mask, processed_rows
 
 
 def tiny(tmp_path, method, **kw):
@@ -210,8 +211,8 @@ def test_mllc_dynamic_thresholds_count_confident_predictions(tmp_path):
     logits[0, 2, :, :2] = 20.0  # four confident pixels of class 2
     logits[0, 5, 0, 2] = 20.0  # one of class 5
     logits[0, 5, 1, 2] = 2.0  # one unsure pixel: not counted
-    net.count_confident(logits)
-    net.count_confident(logits, valid=torch.tensor([[[True, False, True], [True, True, True]]]))
+    count_confident(net.class_counts, logits)
+    count_confident(net.class_counts, logits, valid=torch.tensor([[[True, False, True], [True, True, True]]]))
     assert net.class_counts.tolist() == [0, 0, 7, 0, 0, 2, 0, 0]
     torch.testing.assert_close(net.eta(), torch.tensor([0, 0, 0.95, 0, 0, 0.95 * 2 / 7, 0, 0]))
 
@@ -230,7 +231,7 @@ def test_mllc_official_mask_flag_changes_the_class_graph(tmp_path):
 
 def test_mllc_batch_graph_is_one_graph_over_the_batch():
     from semiseg_fast.errors import ConfigError
-    from semiseg_fast.methods.mllc import EMBED, G2Layer
+    from semiseg_fast.models.graph_head import EMBED, G2Layer
     from semiseg_fast.reference.graph import graph_propagate as ref_layer
 
     torch.manual_seed(3)

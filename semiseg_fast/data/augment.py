@@ -71,13 +71,17 @@ def weak_augment(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Random rescale, random crop (padding where the rescaled image is too small) and h-flip.
 
+    ``images`` float [B, 3, H, W] in [0, 1] or uint8 [B, 3, H, W] (scaled to [0, 1]); ``labels``
+    int [B, H, W] or None.
+
     Per sample: the image is rescaled by ``s ~ U(scale)``, a ``crop`` window is placed uniformly
     at random over it (when the rescaled image is smaller than the window, the image is placed
     uniformly inside the window instead) and the window is flipped with probability ``flip_p``.
     All of it is a single ``affine_grid`` + ``grid_sample``: bilinear for images, nearest for
-    labels. Padding is 0 in the image. uint8 images are accepted and scaled to [0, 1].
+    labels. Padding is 0 in the image.
 
-    Returns ``(images, labels)`` with labels int64 [B, h, w] holding ``ignore_index`` on padding.
+    Returns ``(images, labels)``: images float [B, 3, h, w] (``(h, w)`` the crop; float32 from
+    uint8), labels int64 [B, h, w] holding ``ignore_index`` on padding.
     With ``labels=None`` (unlabeled images) the second output is instead the padding mask, bool
     [B, h, w], True where a pixel lies outside the source image: methods must exclude those pixels
     from unsupervised losses (``~pad`` is the valid mask and can go through ``mix`` like labels).
@@ -129,13 +133,14 @@ def weak_augment(
 # -- photometric ---------------------------------------------------------------------------------
 
 def grayscale(images: torch.Tensor) -> torch.Tensor:
-    """Luma [B, 1, H, W] of RGB images [B, 3, H, W]."""
+    """Luma float [..., 1, H, W] of RGB ``images`` float [..., 3, H, W] (same dtype)."""
     r, g, b = images.unbind(-3)
     return (_LUMA[0] * r + _LUMA[1] * g + _LUMA[2] * b).unsqueeze(-3)
 
 
 def rgb_to_hsv(rgb: torch.Tensor) -> torch.Tensor:
-    """RGB -> HSV along dim -3, all channels in [0, 1] (hue in turns)."""
+    """RGB -> HSV along dim -3, all channels in [0, 1] (hue in turns): ``rgb`` float [..., 3, H, W]
+    in [0, 1] -> float [..., 3, H, W], same dtype."""
     r, g, b = rgb.unbind(-3)
     maxc = rgb.amax(-3)
     delta = maxc - rgb.amin(-3)
@@ -147,7 +152,8 @@ def rgb_to_hsv(rgb: torch.Tensor) -> torch.Tensor:
 
 
 def hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
-    """HSV -> RGB along dim -3 (hue in turns, any real value)."""
+    """HSV -> RGB along dim -3 (hue in turns, any real value): ``hsv`` float [..., 3, H, W] ->
+    float [..., 3, H, W], same dtype."""
     h, s, v = hsv.unbind(-3)
     h6 = h * 6.0
 
@@ -169,8 +175,9 @@ def colour_jitter(
     saturation: torch.Tensor,
     hue: torch.Tensor | None,
 ) -> torch.Tensor:
-    """torchvision's ColorJitter maths with per-sample factors [B], in the fixed order
+    """torchvision's ColorJitter maths with per-sample factors float [B], in the fixed order
     brightness, contrast, saturation, hue (torchvision shuffles the order; we do not).
+    ``images`` float [B, 3, H, W] in [0, 1] -> float [B, 3, H, W] in [0, 1].
 
     Hue is rotated in HSV space, as torchvision's ``adjust_hue`` does; ``hue=None`` skips the
     HSV round trip.
@@ -188,7 +195,8 @@ def colour_jitter(
 
 
 def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Tensor:
-    """Separable Gaussian blur with one sigma per sample ([B]) and a (2 radius + 1) kernel.
+    """Separable Gaussian blur with one sigma per sample (``sigma`` float [B]) and a (2 radius + 1)
+    kernel: ``images`` float [B, C, H, W] -> float [B, C, H, W], same dtype.
 
     Per-sample kernels run as one grouped convolution (one group per sample and channel);
     borders are replicated.
@@ -218,7 +226,8 @@ def strong_augment(
 
     Jitter factors follow torchvision: brightness, contrast and saturation ~ U(max(0, 1-j), 1+j),
     hue shift ~ U(-j, j) turns. The blur kernel spans 3 sigma of the largest sigma. Photometric
-    only: the labels of the input stay valid. Returns images of the input dtype in [0, 1].
+    only: the labels of the input stay valid. ``images`` float [B, 3, H, W] in [0, 1] -> float
+    [B, 3, H, W] in [0, 1] of the input dtype.
     """
     dtype = images.dtype
     x = images.float()
@@ -237,15 +246,17 @@ def strong_augment(
 # -- mixing --------------------------------------------------------------------------------------
 
 def mix(images_a: torch.Tensor, images_b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``b`` where ``mask`` (bool [B, H, W]) is True, else ``a``; the mask broadcasts over any
-    channel dimension, so images [B, C, H, W] and per-pixel maps [B, H, W] use the same call."""
+    """``images_b`` where ``mask`` (bool [B, H, W]) is True, else ``images_a``; the mask broadcasts
+    over any channel dimension, so images float [B, C, H, W] and per-pixel maps (any dtype)
+    [B, H, W] use the same call. Returns the inputs' dtype and shape."""
     while mask.dim() < images_a.dim():
         mask = mask.unsqueeze(1)
     return torch.where(mask, images_b, images_a)
 
 
 def mix_labels(labels_a: torch.Tensor, labels_b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Labels (or confidences, padding masks) [B, H, W] mixed like the images: 255 moves with its pixel."""
+    """Labels int64 [B, H, W] (or float confidences, bool padding masks) mixed like the images by
+    ``mask`` bool [B, H, W]: 255 moves with its pixel."""
     return torch.where(mask, labels_b, labels_a)
 
 
@@ -292,8 +303,8 @@ def classmix_mask(
     num_classes: int | None = None,
     ignore_index: int = IGNORE_INDEX,
 ) -> torch.Tensor:
-    """ClassMix mask: per sample, ceil(n/2) of its n present classes at random; bool [B, H, W],
-    True on every pixel of a chosen class.
+    """ClassMix mask of ``labels`` int [B, H, W]: per sample, ceil(n/2) of its n present classes at
+    random; bool [B, H, W], True on every pixel of a chosen class.
 
     ``ignore_index`` (and any label outside ``0..num_classes-1``) is never chosen and never masked.
     ``num_classes=None`` assumes labels below 256. Vectorised through a [B, C] selection table:
@@ -328,5 +339,6 @@ def u2pl_cutmix_mask(
 
 
 def u2pl_cutmix(tensors: Sequence[torch.Tensor], mask: torch.Tensor) -> list[torch.Tensor]:
-    """Apply a ``u2pl_cutmix_mask`` to images, labels, logits...: the box comes from sample (i + 1) mod B."""
+    """Apply a ``u2pl_cutmix_mask`` (bool [B, H, W]) to images, labels, logits...: the box comes from
+    sample (i + 1) mod B. Each of ``tensors`` (any dtype, [B, H, W] or [B, C, H, W]) keeps its shape."""
     return [mix(t, t.roll(-1, dims=0), mask) for t in tensors]

@@ -48,8 +48,6 @@ import gzip
 import hashlib
 import math
 import os
-import shutil
-import subprocess
 import sys
 import zlib
 from collections.abc import Sequence
@@ -176,9 +174,8 @@ def locate_fashion_files(root: str | os.PathLike | None = None) -> Path:
     """The folder holding the four Fashion-MNIST files.
 
     With ``root`` every file must be there (else ``DataError`` naming the missing file). Without,
-    the folder is ``DEFAULT_ROOT``; if files are missing there and this process is root on a
-    system with ``apt-get``, the package is installed (``apt-get install -y dataset-fashion-mnist``,
-    one line of explanation on stderr), otherwise ``DataError`` says which command to run.
+    the folder is ``DEFAULT_ROOT``; a missing file there is a ``DataError`` giving the command that
+    installs the Debian package. Nothing is installed at run time: that is the user's decision.
     """
     needed = [name for pair in FILES.values() for name in pair]
     if root is not None and str(root) != "":
@@ -191,25 +188,10 @@ def locate_fashion_files(root: str | os.PathLike | None = None) -> Path:
     missing = [name for name in needed if not (folder / name).is_file()]
     if not missing:
         return folder
-    command = ["apt-get", "install", "-y", APT_PACKAGE]
-    is_root = hasattr(os, "geteuid") and os.geteuid() == 0
-    if is_root and shutil.which("apt-get"):
-        print(f"Fashion-MNIST files not found in {folder}: installing them with `{' '.join(command)}`",
-              file=sys.stderr, flush=True)
-        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        try:
-            result = subprocess.run(command, env=env, check=False)
-            status = f"exit status {result.returncode}"
-        except OSError as exc:
-            status = str(exc)
-        missing = [name for name in needed if not (folder / name).is_file()]
-        if not missing:
-            return folder
-        raise DataError(f"`{' '.join(command)}` did not provide {folder / missing[0]} ({status}); install the "
-                        f"package by hand or pass --root FOLDER holding the four Fashion-MNIST .gz files")
-    sudo = "" if is_root else "sudo "
-    raise DataError(f"Fashion-MNIST file {folder / missing[0]} not found: run `{sudo}apt-get install {APT_PACKAGE}` "
-                    f"or pass --root FOLDER holding the four Fashion-MNIST .gz files")
+    sudo = "" if hasattr(os, "geteuid") and os.geteuid() == 0 else "sudo "
+    raise DataError(f"Fashion-MNIST file {folder / missing[0]} not found: install it with "
+                    f"`{sudo}apt-get install {APT_PACKAGE}` or pass --root FOLDER holding the four Fashion-MNIST "
+                    f".gz files ({', '.join(needed)})")
 
 
 def load_garments(split: str, root: str | os.PathLike | None = None) -> Garments:

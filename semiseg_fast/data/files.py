@@ -200,7 +200,7 @@ def read_label(path: str | os.PathLike, codec: LabelCodec) -> np.ndarray:
 
 
 def load_sample(sample: Sample, with_label: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """uint8 image [3, H, W] and, with ``with_label``, uint8 class indices [H, W] of one sample."""
+    """Image uint8 [3, H, W] and, with ``with_label``, class indices uint8 [H, W] (else None) of one sample."""
     image = read_image(sample.image)
     if not with_label:
         return image, None
@@ -304,7 +304,7 @@ class _CropSet(Dataset):
 
 
 class _ImageSet(Dataset):
-    """``dataset[i]`` -> (uint8 image [3, H, W], uint8 label [H, W]) of validation sample ``i``."""
+    """``dataset[i]`` -> (image uint8 [3, H, W], label uint8 [H, W]) of validation sample ``i``."""
 
     def __init__(self, samples: Sequence[Sample]):
         self.samples = samples
@@ -374,9 +374,10 @@ class FileStream:
         self._batches = iter(loader)
 
     def next(self, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """One step's batch on the device: float images [b, 3, crop, crop] in [0, 1] and int64 labels
-        (255 on padding), or for an unlabeled stream the bool padding mask. ``generator`` is unused
-        (the interface's; file streams seed every sample's crop themselves)."""
+        """One step's batch on the device: images float32 [b, 3, crop, crop] in [0, 1] and labels int64
+        [b, crop, crop] (255 on padding), or for an unlabeled stream the padding mask bool
+        [b, crop, crop]. ``generator`` is unused (the interface's; file streams seed every sample's
+        crop themselves)."""
         if self._batches is None:
             self._start()
         out = next(self._batches)
@@ -504,7 +505,7 @@ class FileSegData:
 
     def read_splits(self, folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
         if not folder.is_dir():
-            raise DataError(f"--splits: {folder} does not exist or is not a folder")
+            raise ConfigError(f"--splits: {folder} does not exist or is not a folder")
         chosen: dict[str, list[int]] = {}
         first_seen: dict[int, Path] = {}
         for name in SPLIT_FILES:
@@ -548,8 +549,9 @@ class FileSegData:
                 if line.strip() and not line.lstrip().startswith("#")]
 
     def write_splits(self, folder: Path, lab: torch.Tensor, unl: torch.Tensor) -> None:
-        """``labeled.txt`` / ``unlabeled.txt`` (one id per line), atomically; never replaces a file
-        with different content (a run directory keeps the split it was trained on)."""
+        """``labeled.txt`` / ``unlabeled.txt`` (one id per line) of ``lab`` / ``unl`` int [n] training
+        indices, atomically; never replaces a file with different content (a run directory keeps the
+        split it was trained on)."""
         if self.splits_dir is not None and folder.resolve() == self.splits_dir.resolve():
             return
         texts = {name: "".join(self.train[i].id + "\n" for i in part.tolist())
@@ -572,6 +574,7 @@ class FileSegData:
     # -- training -------------------------------------------------------------------------------
     def train_stream(self, indices: torch.Tensor, *, labeled: bool, batch_size: int, seed: int, crop: int,
                      device: torch.device, rank: int = 0, world: int = 1) -> FileStream:
+        """Stream over ``indices`` int [n] of the training pool (see ``FileStream.next``)."""
         indices = torch.as_tensor(indices, dtype=torch.long).flatten()
         if labeled:
             for i in indices.tolist():
@@ -584,8 +587,8 @@ class FileSegData:
     # -- validation -----------------------------------------------------------------------------
     def val_batches(self, *, device: torch.device, batch_size: int = 1, rank: int = 0,
                     world: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Validation images ``rank::world`` at full size, one at a time (sizes differ): float
-        [1, 3, H, W] in [0, 1] and int64 labels [1, H, W] on ``device``. ``batch_size`` is unused
+        """Validation images ``rank::world`` at full size, one at a time (sizes differ): images float
+        [1, 3, H, W] in [0, 1] and labels int64 [1, H, W] on ``device``. ``batch_size`` is unused
         here (the evaluation sends ``batch_size`` sliding windows through the model together)."""
         device = torch.device(device)
         loader = _loader(_ImageSet(self.val[rank::world]), batch_size=None, collate_fn=_first,

@@ -14,7 +14,8 @@ from .splits import labeled_split
 
 @dataclass
 class SegData:
-    """Training and validation tensors of one data set (uint8 images [N,3,H,W], labels [N,H,W])."""
+    """Training and validation tensors of one data set: images uint8 [N, 3, H, W], labels uint8
+    [N, H, W]."""
 
     train_images: torch.Tensor
     train_labels: torch.Tensor
@@ -49,14 +50,15 @@ class SegData:
 
     def train_stream(self, indices: torch.Tensor, *, labeled: bool, batch_size: int, seed: int, crop: int,
                      device: torch.device, rank: int = 0, world: int = 1) -> TensorStream:
+        """Stream over ``indices`` int [n] of the training set (see ``TensorStream.next``)."""
         images, labels = self._on(torch.device(device))
         return TensorStream(images, labels if labeled else None, indices, batch_size=batch_size, seed=seed,
                             crop=crop, rank=rank, world=world)
 
     def val_batches(self, *, device: torch.device, batch_size: int, rank: int = 0,
                     world: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Validation images ``rank::world`` in batches of ``batch_size``: float [b, 3, H, W] in
-        [0, 1] and int64 labels [b, H, W] on ``device``."""
+        """Validation images ``rank::world`` in batches of ``batch_size``: images float [b, 3, H, W]
+        in [0, 1] and labels int64 [b, H, W] on ``device``."""
         images, labels = self.val_images[rank::world], self.val_labels[rank::world]
         for start in range(0, images.shape[0], batch_size):
             yield (images[start : start + batch_size].to(device, non_blocking=True).float().div_(255),
@@ -117,5 +119,5 @@ def build_dataset(cfg) -> SegData:
     if cfg.data not in DATASETS:
         raise ConfigError(f"--data: unknown data set {cfg.data!r}; expected one of {sorted(DATASETS)}")
     if cfg.root and not Path(cfg.root).is_dir():
-        raise DataError(f"--root: data root {cfg.root!r} does not exist or is not a folder")
+        raise ConfigError(f"--root: data root {cfg.root!r} does not exist or is not a folder")
     return DATASETS[cfg.data](cfg).validate(cfg.data)

@@ -6,10 +6,10 @@ at how images are stored (one in-memory tensor for the generated sets, files for
 - ``num_train``, ``num_val``, ``num_classes``, ``class_names``, ``ignore_index``;
 - ``split(labeled, seed, run_dir)`` -> sorted labeled and unlabeled training indices (int64);
 - ``train_stream(indices, labeled=, batch_size=, seed=, crop=, device=, rank=, world=)`` -> a
-  stream whose ``next(generator)`` returns one step's batch on the device: float images
-  [b, 3, crop, crop] in [0, 1] and int64 labels with the ignore index on padding, or for an
-  unlabeled stream the bool padding mask (True outside the source image); ``state_dict()`` and
-  ``load_state_dict()`` make resume exact;
+  stream whose ``next(generator)`` returns one step's batch on the device: images float
+  [b, 3, crop, crop] in [0, 1] and labels int64 [b, crop, crop] with the ignore index on padding,
+  or for an unlabeled stream the padding mask bool [b, crop, crop] (True outside the source
+  image); ``state_dict()`` and ``load_state_dict()`` make resume exact;
 - ``val_batches(device=, batch_size=, rank=, world=)`` -> this rank's validation images
   ``rank::world`` as (float [b, 3, H, W] in [0, 1], int64 [b, H, W]) pairs on the device, with
   ``num_val_batches(batch_size, rank, world)`` of them; ``eval_window`` and ``eval_stride`` say
@@ -34,7 +34,8 @@ __all__ = ["TensorStream", "pinned_to"]
 
 
 def pinned_to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Host -> device copy that does not synchronise: a pageable copy waits, a pinned one is queued."""
+    """Host -> device copy that does not synchronise: a pageable copy waits, a pinned one is queued.
+    ``tensor`` any dtype [...], returned as it is on ``device``."""
     if torch.device(device).type == "cuda" and tensor.device.type == "cpu":
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor.to(device)
@@ -56,6 +57,9 @@ class TensorStream:
         self.index = IndexStream(indices, batch_size * world, seed)
 
     def next(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step's weak-augmented batch: images float32 [b, 3, crop, crop] in [0, 1] and labels
+        int64 [b, crop, crop] (255 on padding), or for an unlabeled stream the padding mask bool
+        [b, crop, crop]."""
         b = self.batch_size
         idx = self.index.next()[self.rank * b : (self.rank + 1) * b]
         idx = pinned_to(idx, self.images.device)

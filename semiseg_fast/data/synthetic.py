@@ -477,7 +477,8 @@ def _read_cache(path: str, num_images: int, height: int, width: int) -> tuple[to
 def cached_scenes(path: str | None, num_images: int, height: int, width: int, version: int,
                   generate: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """The scenes in cache file ``path`` when it holds ``num_images`` of ``height`` x ``width``, else
-    ``generate()``, written to ``path`` atomically (``path`` None: no cache)."""
+    ``generate()``, written to ``path`` atomically (``path`` None: no cache): images uint8
+    [N, 3, H, W] and labels uint8 [N, H, W]."""
     cached = _read_cache(path, num_images, height, width) if path else None
     if cached is not None:
         return cached

@@ -63,6 +63,7 @@ class CPUSyncBatchNorm2d(nn.BatchNorm2d):
         self.env = env or DistEnv()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` float [B, C, H, W] -> float [B, C, H, W], same dtype."""
         if not (self.training and self.env.enabled):
             return super().forward(x)
         c = x.shape[1]

@@ -15,7 +15,7 @@ from ..nvtx import nvtx_range
 
 
 class ConfusionMatrix:
-    """Accumulates a [C, C] matrix (rows = ground truth, columns = prediction) on the device."""
+    """Accumulates ``mat`` int64 [C, C] (rows = ground truth, columns = prediction) on the device."""
 
     def __init__(self, num_classes: int, device: torch.device | str = "cpu", ignore_index: int = 255):
         if num_classes < 1:
@@ -26,6 +26,8 @@ class ConfusionMatrix:
 
     @torch.no_grad()
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        """Count ``pred`` int [B, H, W] against ``target`` int [B, H, W] (any shape, the same for both);
+        ``ignore_index`` pixels are skipped."""
         if pred.shape != target.shape:
             raise ValueError(f"pred shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
         c = self.num_classes
@@ -52,6 +54,7 @@ class SegMetrics:
 
     @staticmethod
     def from_confusion(mat: torch.Tensor) -> "SegMetrics":
+        """Metrics of a confusion matrix ``mat`` int [C, C] (rows truth, columns prediction)."""
         mat = mat.double().cpu()
         tp = mat.diag()
         union = mat.sum(0) + mat.sum(1) - tp
@@ -74,7 +77,8 @@ class SegMetrics:
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Arg-max prediction at the input resolution (logits up-sampled bilinearly, align_corners)."""
+    """Arg-max prediction int64 [B, H, W] of ``images`` float [B, 3, H, W] at the input resolution
+    (logits up-sampled bilinearly, align_corners)."""
     logits = model(images)["logits"]
     if logits.shape[-2:] != images.shape[-2:]:
         logits = F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=True)
@@ -92,7 +96,8 @@ def confusion(
     amp_dtype: torch.dtype | None = None,
     ignore_index: int = 255,
 ) -> torch.Tensor:
-    """Confusion matrix [C, C] (int64, on ``device``) of uint8 images [N,3,H,W] against labels [N,H,W].
+    """Confusion matrix int64 [C, C] (on ``device``) of ``images`` uint8 [N, 3, H, W] against
+    ``labels`` int [N, H, W].
 
     The model is left in its prior mode. Under DDP every rank passes its own shard of the
     validation set and the matrices are summed with one all-reduce.
@@ -116,7 +121,8 @@ def confusion(
 
 def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
              **kwargs) -> SegMetrics:
-    """Metrics of ``model`` on uint8 images [N,3,H,W] and labels [N,H,W] (options as ``confusion``)."""
+    """Metrics of ``model`` on ``images`` uint8 [N, 3, H, W] and ``labels`` int [N, H, W] (options as
+    ``confusion``)."""
     return SegMetrics.from_confusion(confusion(model, images, labels, num_classes, **kwargs))
 
 
@@ -129,7 +135,7 @@ def sliding_windows(size: int, window: int, stride: int) -> list[tuple[int, int]
 @torch.no_grad()
 def predict_sliding(model: torch.nn.Module, images: torch.Tensor, window: int, stride: int | None = None,
                     batch_size: int = 1) -> torch.Tensor:
-    """Arg-max prediction [B, H, W] of images [B, 3, H, W] by sliding-window inference.
+    """Arg-max prediction int64 [B, H, W] of ``images`` float [B, 3, H, W] by sliding-window inference.
 
     As UniMatch's ``evaluate(mode='sliding_window')``: windows of side ``window`` start every
     ``stride`` pixels (default ``int(2/3 window)``) in both directions and are cut at the image
@@ -171,7 +177,7 @@ def predict_sliding(model: torch.nn.Module, images: torch.Tensor, window: int, s
 @torch.no_grad()
 def val_confusion(data, model: torch.nn.Module, *, batch_size: int, device: torch.device | str,
                   amp_dtype: torch.dtype | None = None, rank: int = 0, world: int = 1) -> torch.Tensor:
-    """This rank's [C, C] int64 confusion matrix (rows truth, columns prediction) of ``model`` over
+    """This rank's confusion matrix int64 [C, C] (rows truth, columns prediction) of ``model`` over
     the validation images ``rank::world`` of ``data`` (see ``data/source.py`` for what a data set
     offers). The model is left in its prior mode; under DDP the trainer sums the ranks' matrices."""
     device = torch.device(device)

@@ -310,7 +310,8 @@ class ClassMemoryBank(nn.Module):
         return torch.cat([row[ptr:cap], row[:ptr]])
 
     def flat_index(self, class_ids: Tensor, indices: Tensor) -> Tensor:
-        """Rows of ``keys().view(-1, D)`` holding slots ``indices`` [K, ...] of ``class_ids``."""
+        """int64 [K, ...]: rows of ``keys().view(-1, D)`` holding slots ``indices`` int64 [K, ...] of
+        ``class_ids`` int [K]."""
         shape = (class_ids.shape[0],) + (1,) * (indices.dim() - 1)
         return class_ids.clamp(0, self.num_classes - 1).view(shape) * self.max_capacity + indices
 
@@ -439,8 +440,9 @@ class ClassMemoryBank(nn.Module):
         return self.negatives_from_uniforms(class_ids, u)
 
     def negatives_from_uniforms(self, class_ids: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
-        """``sample_negatives`` from uniforms ``u`` [K, ...] drawn by the caller (e.g. in an eager
-        region, so the indexing itself can run inside a captured graph)."""
+        """``sample_negatives`` from uniforms ``u`` float64 [K, ...] drawn by the caller (e.g. in an eager
+        region, so the indexing itself can run inside a captured graph), for classes ``class_ids``
+        int [K]: (slots int64 [K, ...], bool [K]: the class's queue holds something)."""
         in_range = (class_ids >= 0) & (class_ids < self.num_classes)
         cid = class_ids.long().clamp(0, self.num_classes - 1)
         fill = torch.where(in_range, self.fill.index_select(0, cid), 0)

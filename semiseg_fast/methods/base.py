@@ -110,10 +110,16 @@ class Method(nn.Module):
         return batch
 
     def losses(self, batch: Batch, progress: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The step's loss terms, each a float 0-d tensor, the total under ``"loss"``.
+
+        ``batch``: ``x_l`` float [B, 3, H, W] in [0, 1], ``y_l`` int64 [B, H, W] (255 ignored),
+        ``x_u`` float [Bu, 3, H, W] and ``pad_u`` bool [Bu, H, W] (True outside the source image),
+        plus what ``augment`` added; ``progress`` float32 [] is the fraction of the run done."""
         raise NotImplementedError
 
     def forward(self, batch: Batch, progress: torch.Tensor) -> dict[str, torch.Tensor]:
-        # what DistributedDataParallel calls: the loss computation is the module's forward
+        """``losses(batch, progress)`` (``batch`` as there, ``progress`` float32 []): what
+        DistributedDataParallel calls, so the loss computation is the module's forward."""
         return self.losses(batch, progress)
 
     @torch.no_grad()

@@ -37,7 +37,8 @@ class IPixMatchOptions(Options):
 
 
 def gaussian_rampup(progress: torch.Tensor, warmup: float) -> torch.Tensor:
-    """exp(-5 (1 - progress/warmup)^2) before ``warmup``, 1 after; a device tensor, no recompiles."""
+    """exp(-5 (1 - progress/warmup)^2) before ``warmup``, 1 after, for ``progress`` float32 [] (a
+    device tensor, so the schedule never recompiles)."""
     if warmup <= 0:
         return torch.ones_like(progress)
     phase = (progress / warmup).clamp(max=1.0)

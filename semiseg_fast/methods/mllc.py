@@ -38,10 +38,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from .. import ops
 from ..data.augment import mix
+from ..models.graph_head import CONF, EMBED, MLLCNet
 from ..nvtx import nvtx_range
 from .bank import prototypes
 from .base import Batch, Method
@@ -57,92 +56,36 @@ from .common import (
 )
 from .options import FRACTION, INT_AT_LEAST_1, NON_NEGATIVE, Options, option, require
 
-K_NEIGHBOURS = 21
-CONF = 0.95  # confident pixel for the graph mix and the class counts
 PL_WEIGHT_THRESH = 0.968
 PROTO_SCALE = 10.0
 PROTO_MOMENTUM = 0.99
-EMBED = 256
 
 
-class G2Layer(nn.Module):
-    """One graph round on a batch: ``ops.graph_propagate`` with this layer's 1x1 convs, on one graph
-    per image (the paper's) or, with ``batch_graph``, one graph over the pixels of the whole batch
-    (inter-image neighbours and classes; N = B h w nodes, which the official dense layer cannot hold)."""
-
-    def __init__(self, num_classes: int, official_mask: bool, batch_graph: bool = False):
-        super().__init__()
-        if batch_graph and official_mask:
-            raise ValueError("mllc: the official class-graph layout is defined per image; it cannot be batch-wide")
-        self.conv_z = nn.Sequential(nn.Conv2d(num_classes, num_classes, 1), nn.Conv2d(num_classes, num_classes, 1))
-        self.conv_f = nn.Sequential(nn.Conv2d(EMBED, EMBED, 1), nn.ReLU(inplace=True), nn.Conv2d(EMBED, EMBED, 1))
-        self.official_mask = official_mask
-        self.batch_graph = batch_graph
-
-    def forward(self, z: torch.Tensor, f: torch.Tensor, eta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        b, _, h, w = z.shape
-        if self.batch_graph:
-            z_all, f_all = ops.graph_propagate(to_rows(z), to_rows(f), eta, self.conv_z, self.conv_f,
-                                               k=min(K_NEIGHBOURS, b * h * w), threshold=CONF)
-            return (z_all.reshape(b, h, w, -1).permute(0, 3, 1, 2), f_all.reshape(b, h, w, -1).permute(0, 3, 1, 2))
-        # one graph per image, all images in one op call (one kernel launch per pass)
-        z_all, f_all = ops.graph_propagate(z.flatten(2).transpose(1, 2), f.flatten(2).transpose(1, 2), eta,
-                                           self.conv_z, self.conv_f, k=min(K_NEIGHBOURS, h * w),
-                                           official_layout=self.official_mask, h=h, w=w, threshold=CONF)
-        return z_all.transpose(1, 2).reshape(b, -1, h, w), f_all.transpose(1, 2).reshape(b, -1, h, w)
-
-
-class MLLCNet(nn.Module):
-    """DeepLabV2 (MLLC heads) + K graph rounds; ``forward`` returns the last round's logits as
-    ``"logits"`` and every level in ``"levels"`` (a list of (Z_k, F_k))."""
-
-    def __init__(self, base: nn.Module, num_classes: int, rounds: int, official_mask: bool, batch_graph: bool = False):
-        super().__init__()
-        self.base = base
-        self.layers = nn.ModuleList(G2Layer(num_classes, official_mask, batch_graph) for _ in range(rounds))
-        self.register_buffer("class_counts", torch.zeros(num_classes, dtype=torch.float64))
-
-    def eta(self) -> torch.Tensor:
-        w = self.class_counts
-        return (CONF * w / (w.max() + 1e-10)).float()
-
-    @torch.no_grad()
-    def count_confident(self, logits: torch.Tensor, valid: torch.Tensor | None = None, reduce=None) -> None:
-        """Add this batch's confident pixels per predicted class (``reduce``: sum over DDP ranks)."""
-        conf, pred = pseudo_label(logits)
-        keep = conf >= CONF
-        if valid is not None:
-            keep = keep & valid
-        counts = torch.zeros_like(self.class_counts)
-        counts.index_add_(0, pred.reshape(-1), keep.reshape(-1).to(counts.dtype))
-        self.class_counts += counts if reduce is None else reduce(counts)
-
-    def forward(self, x: torch.Tensor, need_fp: bool = False) -> dict:
-        out = self.base(x)
-        z, f = out["logits"], out["rep"]
-        levels = [(z, f)]
-        eta = self.eta()
-        for layer in self.layers:
-            z, f = layer(z, f, eta)
-            levels.append((z, f))
-        return {"logits": z, "levels": levels}
-
-    def backbone_parameters(self):
-        return self.base.backbone_parameters()
-
-    def head_parameters(self):
-        return self.base.head_parameters() + list(self.layers.parameters())
+@torch.no_grad()
+def count_confident(counts: torch.Tensor, logits: torch.Tensor, valid: torch.Tensor | None = None,
+                    reduce=None) -> None:
+    """Add to ``counts`` float64 [C] the batch's confident (>= 0.95) pixels per predicted class, of
+    ``logits`` float [B, C, H, W] where ``valid`` bool [B, H, W]; ``reduce``: sum over DDP ranks."""
+    conf, pred = pseudo_label(logits)
+    keep = conf >= CONF
+    if valid is not None:
+        keep = keep & valid
+    batch = torch.zeros_like(counts)
+    batch.index_add_(0, pred.reshape(-1), keep.reshape(-1).to(counts.dtype))
+    counts += batch if reduce is None else reduce(batch)
 
 
 def proto_ce(f: torch.Tensor, labels: torch.Tensor, proto: torch.Tensor) -> torch.Tensor:
-    """CE over classes of 10 cos(f_p, prototype_c); f [B, D, h, w], labels [B, h, w] (255 ignored)."""
+    """CE over classes of 10 cos(f_p, prototype_c), float32 []; ``f`` float [B, D, h, w], ``labels``
+    int64 [B, h, w] (255 ignored), ``proto`` float32 [C, D]."""
     logits = PROTO_SCALE * F.normalize(to_rows(f.float()), dim=1) @ F.normalize(proto, dim=1).T
     return supervised_ce(logits, labels.reshape(-1))
 
 
 def affinity_bce(f: torch.Tensor, labels: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
     """Mean BCE between clamp(cos(f_i, f_j), eps, 1 - eps) and [y_i = y_j] over the valid pixel
-    pairs of each image (written out: ``binary_cross_entropy`` refuses autocast)."""
+    pairs of each image, float32 []; ``f`` float [B, D, h, w], ``labels`` int64 [B, h, w] (written
+    out: ``binary_cross_entropy`` refuses autocast)."""
     z = F.normalize(f.float().flatten(2), dim=1)
     sim = (z.transpose(1, 2) @ z).clamp(eps, 1 - eps)
     y = labels.flatten(1)
@@ -199,7 +142,7 @@ class MLLC(Method):
             logits_w = upsample(self.student(x_u)["logits"], (h, w))
             self.student.train()
         valid = ~batch["pad_u"]
-        self.student.count_confident(logits_w, valid, reduce=self.dist.all_reduce_sum)
+        count_confident(self.student.class_counts, logits_w, valid, reduce=self.dist.all_reduce_sum)
         conf, pl = pseudo_label(logits_w)
         batch["x_s"], box = strong_cutmix_view(x_u, generator)
         valid = mix(valid, valid.roll(1, 0), box)
@@ -236,8 +179,8 @@ class MLLC(Method):
                     new_proto.append(torch.where(present.unsqueeze(1), ema, old))
                     new_seen.append(present)
             with torch.no_grad():
-                self.student.count_confident(upsample(levels[-1][0][:n_l], size), y_l != IGNORE,
-                                             reduce=self.dist.all_reduce_sum)
+                count_confident(self.student.class_counts, upsample(levels[-1][0][:n_l], size), y_l != IGNORE,
+                                reduce=self.dist.all_reduce_sum)
                 self.proto.copy_(torch.stack(new_proto))
                 self.proto_seen.logical_or_(torch.stack(new_seen))
         loss = (terms["x"] + terms["u"] + cfg.mllc_proto_weight * proto_on * terms["proto"]

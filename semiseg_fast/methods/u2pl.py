@@ -46,18 +46,16 @@ import torch.nn.functional as F
 from .. import ops
 from ..data.augment import u2pl_cutmix, u2pl_cutmix_mask
 from ..nvtx import nvtx_range
-from .bank import ClassMemoryBank, prototypes, sample_masked
+from .bank import ClassMemoryBank
 from .base import Batch, Method
 from .common import IGNORE, downsample_nearest, supervised_ce, to_rows, upsample
 from .ema import EMA, ema_decay
 from .options import FRACTION, INT_AT_LEAST_1, NON_NEGATIVE, Options, option
+from .u2pl_sampling import contrast_targets, draw_uniforms, enqueue_negatives, sample_contrast
 
 DROP = 20.0  # percent of unlabeled pixels dropped at the start (drop_percent 80)
 ALPHA0 = 20.0  # low/high entropy percentile at the start
 LOW_RANK, HIGH_RANK = 3, 20  # r_l, r_h
-DELTA_P = 0.3  # anchor: teacher probability of its class above this
-NEG_PROB = 1.0  # negative: teacher probability of the class below this (inactive, U2PL #109)
-NUM_ANCHORS, NUM_NEGATIVES = 256, 50
 TEMPERATURE = 0.5
 CUTMIX_P = 0.5
 
@@ -81,85 +79,11 @@ class U2PLOptions(Options):
 
 
 def drop_weighted_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """U2PL's unsupervised loss: (all pixels / kept pixels) * mean CE over the kept pixels."""
+    """U2PL's unsupervised loss, float32 []: (all pixels / kept pixels) * mean CE over the kept pixels
+    of ``logits`` float [B, C, H, W] against ``target`` int64 [B, H, W] (255 = dropped)."""
     per_pixel = F.cross_entropy(logits, target, ignore_index=IGNORE, reduction="none")
     kept = (target != IGNORE).sum().clamp(min=1)
     return per_pixel.sum() * target.numel() / kept**2
-
-
-def negative_mask(labels: torch.Tensor, is_labeled: torch.Tensor, rank_l: torch.Tensor, rank_u: torch.Tensor,
-                  num_classes: int, official: bool) -> torch.Tensor:
-    """Bool [N, C]: pixel p is a negative candidate of class c by label and rank (before the
-    entropy test). labels [N] (255 ignored), is_labeled [N, 1], rank_l / rank_u [N, C] = rank of c
-    below r_l / in [r_l, r_h). Intent: label != c; ``official`` (Q2): label == c, which with the
-    labeled rule's GT != c leaves no labeled negative at all."""
-    onehot = labels.unsqueeze(1) == torch.arange(num_classes, device=labels.device)
-    if official:
-        return onehot & torch.where(is_labeled, rank_l & ~onehot, rank_u)
-    return ~onehot & (labels != IGNORE).unsqueeze(1) & torch.where(is_labeled, rank_l, rank_u)
-
-
-def processed_rows(present: torch.Tensor, official: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Which queue each of the C loss rows draws negatives from, and which rows may count.
-
-    Row c always takes the anchors and prototype of class c. Intent: the queue of class c, rows of
-    classes in V (present = has low-entropy pixels). ``official`` (Q1): row i < |V| takes the
-    queue of V[i], the i-th present class - right only when V = {0, ..., |V| - 1}."""
-    classes = torch.arange(present.shape[0], device=present.device)
-    if official:
-        v_sorted = torch.sort((~present).to(torch.uint8), stable=True).indices
-        return v_sorted, classes < present.sum()
-    return classes, present
-
-
-def contrast_targets(rep_t: torch.Tensor, labels: torch.Tensor, low: torch.Tensor, high: torch.Tensor,
-                     prob: torch.Tensor, rank_u: torch.Tensor, rank_l: torch.Tensor, num_labeled_rows: int,
-                     official_q2: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """What one step's 1/4-grid rows give the contrast (spec section 1): rows [N] in raster order,
-    labeled images first (the first ``num_labeled_rows``); rep_t [N, D] teacher representation,
-    labels [N] (255 ignored), low / high [N] entropy masks, prob / rank_u / rank_l [N, C].
-
-    Returns (candidates [N, C]: anchors of class c, prototypes [C, D] of the low-entropy pixels,
-    present [C]: classes with low-entropy pixels, negative [N, C]: keys to enqueue for class c)."""
-    num_classes = prob.shape[1]
-    onehot = labels.unsqueeze(1) == torch.arange(num_classes, device=labels.device)  # ignored: no class
-    is_labeled = (torch.arange(labels.numel(), device=labels.device) < num_labeled_rows).unsqueeze(1)
-    low_valid = onehot & low.unsqueeze(1)
-    candidates = low_valid & (prob > DELTA_P)
-    proto, _ = prototypes(rep_t, labels, num_classes, valid=low)
-    negative = negative_mask(labels, is_labeled, rank_l, rank_u, num_classes, official_q2)
-    negative = negative & high.unsqueeze(1) & (prob < NEG_PROB)
-    return candidates, proto, low_valid.any(0), negative
-
-
-def enqueue_negatives(bank: ClassMemoryBank, keys: torch.Tensor, negative: torch.Tensor) -> None:
-    """Class by class, pixels in raster order: the official enqueue order. The bank writes the C N
-    (class, pixel) lanes N at a time, so no C N x D copy of the keys exists."""
-    n, num_classes = negative.shape
-    rows = torch.arange(n, device=keys.device).repeat(num_classes)
-    classes = torch.arange(num_classes, device=keys.device).repeat_interleave(n)
-    bank.enqueue(keys, classes, negative.T.reshape(-1), rows=rows)
-
-
-def draw_uniforms(generator: torch.Generator, num_classes: int, device: torch.device, anchors: int = NUM_ANCHORS,
-                  negatives: int = NUM_NEGATIVES) -> tuple[torch.Tensor, torch.Tensor]:
-    """The step's sampling draws, anchors then negatives (the official order), float64 on the device."""
-    u_anchor = torch.rand((num_classes, anchors), generator=generator, device=device, dtype=torch.float64)
-    u_neg = torch.rand((num_classes, anchors, negatives), generator=generator, device=device, dtype=torch.float64)
-    return u_anchor, u_neg
-
-
-def sample_contrast(bank: ClassMemoryBank, candidates: torch.Tensor, present: torch.Tensor, u_anchor: torch.Tensor,
-                    u_neg: torch.Tensor, official_q1: bool) -> dict[str, torch.Tensor]:
-    """Anchor and negative indices of the C loss rows from the draws, and which rows count:
-    the index inputs of ``ops.sampled_contrast`` (anchor_idx, neg_idx, active, num_valid)."""
-    neg_class, row_ok = processed_rows(present, official_q1)
-    anchor_idx, n_candidates = sample_masked(candidates.T.contiguous(), u_anchor)
-    slots, has_negatives = bank.negatives_from_uniforms(neg_class, u_neg)
-    num_valid = present.sum()
-    return {"anchor_idx": anchor_idx, "neg_idx": bank.flat_index(neg_class, slots),
-            "active": row_ok & (n_candidates > 0) & has_negatives & (num_valid > 1),
-            "num_valid": num_valid.clamp(min=1).float()}
 
 
 class U2PL(Method):

@@ -46,7 +46,9 @@ class UniMatch(Method):
         return batch
 
     def weak_targets(self, batch: Batch, logits_w: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Pseudo-labels of the weak view, and those of each strong view (cut-mixed with the mix batch)."""
+        """Pseudo-labels of the weak view (``logits_w`` float [B, C, H, W]) and of each strong view
+        (cut-mixed with the mix batch): name -> (labels int64 [B, H, W], confidence float32
+        [B, H, W], valid bool [B, H, W])."""
         valid = ~batch["pad_u"]
         valid_m = ~batch["pad_u1"]
         conf, pl = pseudo_label(logits_w)
@@ -87,6 +89,8 @@ class UniMatch(Method):
         return self.report(loss, terms, extras)
 
     def report(self, loss: torch.Tensor, terms: dict[str, torch.Tensor], extras: dict) -> dict[str, torch.Tensor]:
+        """The step's outputs from the total ``loss`` and the ``terms`` (float 0-d tensors): the
+        detached terms and the confident share of the weak view's valid pixels, float32 []."""
         pl, conf, valid = extras["targets"]["w"]
         mask_ratio = ((conf >= self.cfg.conf_thresh) & valid).float().mean()
         return {"loss": loss, **{f"loss_{k}": v.detach() for k, v in terms.items()}, "mask_ratio": mask_ratio}

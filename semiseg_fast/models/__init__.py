@@ -1,7 +1,7 @@
 """Plain-torch segmentation models: dilated ResNet trunks, DeepLabV3+ (UniMatch / U2PL decoders)
 and DeepLabV2 with the CTT/MLLC head.
 
-All models take ``[B, 3, H, W]`` images in [0, 1] (they normalise with ImageNet statistics
+All models take images float [B, 3, H, W] in [0, 1] (they normalise with ImageNet statistics
 themselves), are called as ``model(x, need_fp=False)`` and return a dict with ``"logits"`` at
 the decoder's resolution (1/4 for DeepLabV3+, 1/8 for DeepLabV2 at OS 8; never up-sampled),
 plus ``"rep"`` when there is a representation head, ``"aux"`` for the U2PL auxiliary head, and

@@ -46,6 +46,7 @@ class SEBlock(nn.Module):
                                 nn.Linear(channels // reduction, channels), nn.Sigmoid())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` float [B, channels, H, W] -> the gated float [B, channels, H, W]."""
         gates = self.fc(x.mean(dim=(2, 3)))
         return x * gates[:, :, None, None]
 
@@ -77,6 +78,8 @@ class ClassifierModule2(nn.Module):
                     nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x`` float [B, in_channels, h, w] -> ``(features, out)``: float [B, width, h, w] and
+        float [B, out_channels, h, w]."""
         y = torch.cat([branch(x) for branch in self.branches], dim=1)
         feat = self.dropout(self.bottleneck(self.se(y)))
         return feat, self.classifier(feat)
@@ -111,6 +114,9 @@ class DeepLabV2(SegmentationModel):
         self.layer6 = ClassifierModule2(backbone.channels[3], 256) if rep == "mllc" else None
 
     def forward(self, x: torch.Tensor, need_fp: bool = False) -> dict[str, torch.Tensor]:
+        """``x`` float [B, 3, H, W] in [0, 1] -> a dict with ``logits`` float [B, C, H/s, W/s]
+        (s = ``logits_stride``), ``rep`` float [B, 256, H/s, W/s] with ``rep``, and with ``need_fp``
+        ``logits_fp`` / ``rep_fp`` of the same shapes."""
         c4 = self.backbone(self.normalize(x))[3]
         if need_fp:
             c4 = torch.cat((c4, F.dropout2d(c4, self.fp_dropout, training=True)))

@@ -3,9 +3,9 @@
 Every segmentation model here takes images in [0, 1] and applies the ImageNet normalisation
 itself, so the augmentation code never needs to know about it, and returns a dict:
 
-* ``"logits"``: ``[B, C, h, w]`` at the decoder's resolution (1/4 here), not up-sampled;
-* ``"rep"``: ``[B, rep_dim, h, w]`` when the model has a representation head (not normalised here);
-* ``"aux"``: ``[B, C, h3, w3]`` from the optional U2PL auxiliary head on layer3;
+* ``"logits"``: float [B, C, h, w] at the decoder's resolution (1/4 here), not up-sampled;
+* ``"rep"``: float [B, rep_dim, h, w] when the model has a representation head (not normalised here);
+* ``"aux"``: float [B, C, h3, w3] from the optional U2PL auxiliary head on layer3;
 * ``"logits_fp"`` (and ``"rep_fp"``): the feature-perturbed half when ``need_fp=True``.
 
 Choices the spec leaves open, and why:
@@ -70,6 +70,7 @@ class SegmentationModel(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` float [B, 3, H, W] in [0, 1] -> ImageNet-normalised float [B, 3, H, W]."""
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"x must be [B, 3, H, W] images in [0, 1], got shape {tuple(x.shape)}")
         return (x - self.pixel_mean) / self.pixel_std
@@ -115,6 +116,7 @@ class ASPP(nn.Module):
         self.out_channels = width if project else concat
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` float [B, in_channels, h, w] -> float [B, out_channels, h, w]."""
         feats = [branch(x) for branch in self.branches]
         feats.append(self.pool(x).expand(-1, -1, x.shape[-2], x.shape[-1]))
         y = torch.cat(feats, dim=1)
@@ -141,6 +143,8 @@ class UniMatchDecoder(nn.Module):
             self.representation = nn.Sequential(_conv_bn_relu(256, 256, 3), nn.Conv2d(256, rep_dim, 1))
 
     def forward(self, c1: torch.Tensor, c4: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``c1`` float [B, low_channels, h, w], ``c4`` float [B, high_channels, h4, w4] -> (logits
+        float [B, C, h, w], rep float [B, rep_dim, h, w] or None)."""
         high = _upsample_to(self.aspp(c4), c1)
         feat = self.fuse(torch.cat((self.reduce(c1), high), dim=1))
         rep = None if self.representation is None else self.representation(feat)
@@ -168,6 +172,8 @@ class U2PLDecoder(nn.Module):
         self.representation = None if rep_dim is None else _u2pl_head(rep_dim)
 
     def forward(self, c1: torch.Tensor, c4: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``c1`` float [B, low_channels, h, w], ``c4`` float [B, high_channels, h4, w4] -> (logits
+        float [B, C, h, w], rep float [B, rep_dim, h, w] or None)."""
         high = _upsample_to(self.head(self.aspp(c4)), c1)
         feat = torch.cat((self.low_conv(c1), high), dim=1)
         rep = None if self.representation is None else self.representation(feat)
@@ -215,6 +221,10 @@ class DeepLabV3Plus(SegmentationModel):
                                      nn.Conv2d(256, num_classes, 1))
 
     def forward(self, x: torch.Tensor, need_fp: bool = False) -> dict[str, torch.Tensor]:
+        """``x`` float [B, 3, H, W] in [0, 1] -> a dict with ``logits`` float [B, C, H/4, W/4],
+        ``rep`` float [B, rep_dim, H/4, W/4] with ``rep_head``, with ``need_fp`` ``logits_fp`` /
+        ``rep_fp`` of the same shapes, and ``aux`` float [B, C, H/s3, W/s3] (stride of ``c3``) with
+        ``aux_head``."""
         feats = self.backbone(self.normalize(x))
         c1, c4 = feats[0], feats[3]
         if need_fp:

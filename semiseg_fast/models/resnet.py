@@ -59,6 +59,7 @@ class BasicBlock(nn.Module):
         self.downsample = downsample
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` float [B, inplanes, H, W] -> float [B, planes, H/stride, W/stride]."""
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
@@ -83,6 +84,7 @@ class Bottleneck(nn.Module):
         self.downsample = downsample
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` float [B, inplanes, H, W] -> float [B, 4 * planes, H/stride, W/stride]."""
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
@@ -187,6 +189,8 @@ class ResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """``x`` float [B, 3, H, W] (normalised) -> ``[c1, c2, c3, c4]``, c_i float [B, channels[i-1],
+        H/s_i, W/s_i] at strides s = 4, 8, min(16, output_stride), output_stride (sizes rounded up)."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         c1 = self.layer1(x)
         c2 = self.layer2(c1)
