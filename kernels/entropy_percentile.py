@@ -46,11 +46,14 @@ import torch
 import triton
 import triton.language as tl
 
-_BLOCK_J = 128
-_BLOCK_N = 1024
-_BLOCK_OUT = 64  # output-grid pixels per program: 128 spilled ~300 bytes under Triton 3.6 (profiling.aot)
-_BLOCK_LOGIT = 64  # logit-grid pixels per program (the rank count keeps [C, J] int32 counts)
-_RANK_WARPS = 8  # rank_mask launch: 4 spilled ~400 bytes at 128 x 128 logits under Triton 3.9 (profiling.aot)
+# Launch tiles, read at every call (profiling/tune.py sweeps them with unittest.mock.patch.dict).
+TILES = {
+    "BLOCK_J": 128,
+    "BLOCK_N": 1024,
+    "BLOCK_OUT": 64,  # output-grid pixels per program: 128 spilled ~300 bytes under Triton 3.6 (profiling.aot)
+    "BLOCK_LOGIT": 64,  # logit-grid pixels per program (the rank count keeps [C, J] int32 counts)
+    "RANK_WARPS": 8,  # rank_mask launch: 4 spilled ~400 bytes at 128 x 128 logits under Triton 3.9 (profiling.aot)
+}
 _SIGN = 0x80000000  # host-side key arithmetic only
 
 
@@ -246,7 +249,9 @@ def _floats(keys: torch.Tensor) -> torch.Tensor:
 
 def _numpy_ranks(n: torch.Tensor, q: list[float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """numpy's order statistics (lo, hi) and weight g of every q among n values, on the device:
-    r = (n - 1) q / 100 in float64; at r >= n - 1 both are the last and g = r + 1 (its index -1)."""
+    r = (n - 1) q / 100 in float64; at r >= n - 1 both are the last and g = r + 1 (its index -1).
+    The rule of semiseg_fast.reference.percentile, restated on device tensors: kernels import
+    nothing from the package, and pass 1's n stays on the device."""
     last = (n - 1).clamp_min(0)
     # Python-float factors: no host-to-device copy of q
     r = torch.stack([last.double() * (pct / 100.0) for pct in q])
@@ -264,14 +269,15 @@ def _select(vals: torch.Tensor, valid: torch.Tensor | None, q: list[float]):
     dev = vals.device
     prefix = torch.zeros(k, dtype=torch.int64, device=dev)
     nans = torch.zeros((), dtype=torch.int64, device=dev)
-    grid = (max(triton.cdiv(vals.numel(), _BLOCK_N), 1),)
+    block_n = TILES["BLOCK_N"]
+    grid = (max(triton.cdiv(vals.numel(), block_n), 1),)
     remaining = n = g = None
     for shift in (24, 16, 8, 0):
         first = remaining is None
         hist = torch.zeros((1 if first else k, 256), dtype=torch.int64, device=dev)
         _radix_hist_kernel[grid](vals, valid if valid is not None else vals, prefix, hist, nans, vals.numel(),
                                  shift, HAS_VALID=valid is not None, K=1 if first else k, FIRST=first,
-                                 BLOCK_N=_BLOCK_N)
+                                 BLOCK_N=block_n)
         cum = torch.cumsum(hist, dim=1).expand(k, 256).contiguous()
         if first:
             n = cum[0, -1]
@@ -341,27 +347,49 @@ def _percentiles_fp32(values: torch.Tensor, q: list[float], valid: torch.Tensor 
 
 
 def entropy_percentile(logits, q, valid):
+    """Entropy map of the channel softmax and its percentiles over ``valid``.
+
+    ``logits`` float32/bf16/fp16 [B, C, H, W] (contiguous), ``q`` a list of floats in [0, 100],
+    ``valid`` bool [B, H, W] or None (every pixel). Returns ``entropy`` float32 [B, H, W] and
+    ``thresholds`` float32 [len(q)]: numpy's linear percentiles of ``entropy[valid]`` (0 for an
+    empty selection, NaN when a selected value is NaN).
+    """
     b, c, h, w = logits.shape
     ent = torch.empty((b, h, w), dtype=torch.float32, device=logits.device)
     if ent.numel():
-        _entropy_kernel[(triton.cdiv(h * w, _BLOCK_J), b)](logits, ent, c, h * w, BLOCK_C=triton.next_power_of_2(c),
-                                                           BLOCK_J=_BLOCK_J)
+        block_j = TILES["BLOCK_J"]
+        _entropy_kernel[(triton.cdiv(h * w, block_j), b)](logits, ent, c, h * w, BLOCK_C=triton.next_power_of_2(c),
+                                                          BLOCK_J=block_j)
     return ent, _percentiles_fp32(ent, q, valid)
 
 
 def percentile(values, q, valid):
+    """numpy's linear percentiles of ``values`` over ``valid``, one radix selection for all of ``q``.
+
+    ``values`` float32/bf16/fp16 of any shape [...] (contiguous), ``q`` a list of floats in
+    [0, 100], ``valid`` bool of the shape of ``values`` or None. Returns [len(q)] in the dtype of
+    ``values`` (interpolated in float32, rounded once; 0 for an empty selection, NaN when a
+    selected value is NaN).
+    """
     return _percentiles_fp32(values, q, valid).to(values.dtype)
 
 
 def rank_mask(prob, low_rank, high_rank):
+    """U2PL's negative-class masks by counting ranks over classes (the module docstring's tie rule).
+
+    ``prob`` float32/bf16/fp16 [B, C, H, W] (contiguous), ``low_rank`` < ``high_rank`` ints.
+    Returns (``unlabeled``, ``labeled``), bool [B, C, H, W] each: low_rank <= rank(c) < high_rank
+    and rank(c) < low_rank.
+    """
     b, c = prob.shape[:2]
     hw = prob.numel() // max(b * c, 1)
     unl = torch.empty(prob.shape, dtype=torch.int8, device=prob.device)
     lab = torch.empty(prob.shape, dtype=torch.int8, device=prob.device)
     if prob.numel():
-        _rank_mask_kernel[(triton.cdiv(hw, _BLOCK_LOGIT), b)](prob, unl, lab, c, hw, low_rank, high_rank,
-                                                              BLOCK_C=triton.next_power_of_2(c),
-                                                              BLOCK_J=_BLOCK_LOGIT, num_warps=_RANK_WARPS)
+        block_logit = TILES["BLOCK_LOGIT"]
+        _rank_mask_kernel[(triton.cdiv(hw, block_logit), b)](prob, unl, lab, c, hw, low_rank, high_rank,
+                                                             BLOCK_C=triton.next_power_of_2(c),
+                                                             BLOCK_J=block_logit, num_warps=TILES["RANK_WARPS"])
     return unl.view(torch.bool), lab.view(torch.bool)
 
 
@@ -375,6 +403,14 @@ def _align_corners_scale(src: int, dst: int) -> float:
 
 def teacher_stats(logits, size, first_image, want_entropy, want_max_prob, want_argmax, want_prob,
                   want_rank, low_rank, high_rank):
+    """U2PL's single pass over teacher logits: one launch for both grids.
+
+    ``logits`` float32/bf16/fp16 [B, C, h, w] (contiguous), ``size`` (H, W) the output grid,
+    ``first_image`` the first image of the output grid, ``want_*`` bools, ``low_rank`` <
+    ``high_rank`` ints. Returns (``entropy`` float32, ``max_prob`` float32, ``argmax`` int64, each
+    [B - first_image, H, W]; ``prob`` float32 [B, C, h, w]; ``unlabeled``, ``labeled`` bool
+    [B, C, h, w]), every output not wanted as an empty tensor of shape [0].
+    """
     b, c, h, w = logits.shape
     out_h, out_w = size
     dev = logits.device
@@ -390,8 +426,9 @@ def teacher_stats(logits, size, first_image, want_entropy, want_max_prob, want_a
     prob = maybe(want_prob, logit_shape, torch.float32)
     unl = maybe(want_rank, logit_shape, torch.int8)
     lab = maybe(want_rank, logit_shape, torch.int8)
-    out_per_image = triton.cdiv(out_h * out_w, _BLOCK_OUT)
-    logit_per_image = triton.cdiv(h * w, _BLOCK_LOGIT)
+    block_out, block_logit = TILES["BLOCK_OUT"], TILES["BLOCK_LOGIT"]
+    out_per_image = triton.cdiv(out_h * out_w, block_out)
+    logit_per_image = triton.cdiv(h * w, block_logit)
     out_tiles = n_out * out_per_image
     logit_tiles = b * logit_per_image if (want_prob or want_rank) else 0
     if out_tiles + logit_tiles and c:
@@ -401,7 +438,7 @@ def teacher_stats(logits, size, first_image, want_entropy, want_max_prob, want_a
             _align_corners_scale(w, out_w), low_rank, high_rank,
             RESAMPLE=(out_h, out_w) != (h, w), WANT_ENT=want_entropy, WANT_MAX=want_max_prob,
             WANT_ARG=want_argmax, WANT_PROB=want_prob, WANT_RANK=want_rank,
-            BLOCK_C=triton.next_power_of_2(c), BLOCK_OUT=_BLOCK_OUT, BLOCK_LOGIT=_BLOCK_LOGIT)
+            BLOCK_C=triton.next_power_of_2(c), BLOCK_OUT=block_out, BLOCK_LOGIT=block_logit)
     return ent, maxp, arg, prob, unl.view(torch.bool), lab.view(torch.bool)
 
 

@@ -9,13 +9,16 @@ writes per class the partial statistics of its chunk over Omega:
     m_p = max p/t,  s_p = sum e^{p/t - m_p},  x = sum e^{p/t - m_p} (p - q)/t,
     m_q = max q/t,  s_q = sum e^{q/t - m_q},  n = |Omega in chunk|.
 
-The launcher merges the chunks with the usual rescaling (a few [B, S, C] tensor ops, about
-1/(2 BLOCK_J) of the input bytes) into LSE_p, LSE_q and the cross term, and
-KL_bk = x / s_p - LSE_p + LSE_q, L_b = sum_k KL_bk / (C ln |Omega_b|), 0 when |Omega_b| < 2.
+The forward launcher merges the chunks with the usual rescaling (a few [B, S, C] tensor ops, about
+1/(2 BLOCK_J) of the input bytes) into LSE_p, LSE_q and the cross term, and returns the per-image
+statistics LSE [B, 2, C], KL_bk = x / s_p - LSE_p + LSE_q [B, C] and |Omega_b| [B]. The weight
+1 / (C ln |Omega_b|), the reduction and the gradient's per-image scale are not computed here: the
+op (semiseg_fast.ops.spatial_kl) applies them with the reference's formulas, which this module
+cannot import (kernels import nothing from the package).
 
-The forward returns LSE [B, 2, C] and the weight 1 / (C ln |Omega_b|) [B] with the loss, so the
-backward is one kernel that reads p and q once and writes dq once:
-dq_kj = g_b (e^{q_kj/t - LSE_q} - e^{p_kj/t - LSE_p}) / (t C ln |Omega_b|) on Omega, else 0. All arithmetic is fp32 whatever the input dtype; offsets are int64.
+The backward is one kernel that reads p and q once and writes dq once, from the forward's LSE and
+the op's per-image scale s_b: dq_kj = s_b (e^{q_kj/t - LSE_q} - e^{p_kj/t - LSE_p}) on Omega,
+else 0. All arithmetic is fp32 whatever the input dtype; offsets are int64.
 Everything stays on the device: no host reads, so a captured step never waits.
 """
 from __future__ import annotations
@@ -24,7 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-_BLOCK_J = 128
+# Launch tiles, read at every call (profiling/tune.py sweeps them with unittest.mock.patch.dict).
+TILES = {"BLOCK_J": 128}
 
 
 @triton.jit
@@ -106,16 +110,17 @@ def _kl_grad_kernel(p_ptr, q_ptr, ign_ptr, lse_ptr, scale_ptr, dq_ptr, C, HW, in
 
 
 def _statistics(p, q, temperature, tau, ignore):
-    """Per image: LSE_p, LSE_q [B, BLOCK_C], the KL per class [B, C] and |Omega| [B] (int64)."""
+    """Per image: LSE_p, LSE_q [B, 2, BLOCK_C], the KL per class [B, C] and |Omega| [B] (int64)."""
     b, c = p.shape[:2]
     hw = p.numel() // (b * c)
     block_c = triton.next_power_of_2(c)
-    s = triton.cdiv(hw, _BLOCK_J)
+    block_j = TILES["BLOCK_J"]
+    s = triton.cdiv(hw, block_j)
     stats = torch.empty((b, s, 5, block_c), dtype=torch.float32, device=p.device)
     counts = torch.empty((b, s), dtype=torch.int32, device=p.device)
     has_ignore = ignore is not None
     _kl_partials_kernel[(b, s)](p, q, ignore if has_ignore else p, stats, counts, c, hw, s, 1.0 / temperature,
-                                tau, HAS_IGNORE=has_ignore, BLOCK_C=block_c, BLOCK_J=_BLOCK_J)
+                                tau, HAS_IGNORE=has_ignore, BLOCK_C=block_c, BLOCK_J=block_j)
     m_p, s_p, x, m_q, s_q = stats.unbind(2)
 
     def merge(m, *sums):
@@ -133,42 +138,38 @@ def _statistics(p, q, temperature, tau, ignore):
     return torch.stack((lse_p, lse_q), dim=1), kl, n
 
 
-def _per_image_weight(n: torch.Tensor, c: int) -> torch.Tensor:
-    """1 / (C ln |Omega|), 0 for images with fewer than two confident pixels."""
-    ok = n >= 2
-    return torch.where(ok, 1.0 / (c * torch.log(n.clamp(min=2).double())), 0.0).float()
+def spatial_kl(p, q, temperature, tau, ignore):
+    """Per-image statistics of the spatial KL over Omega (the op applies weight and reduction).
 
-
-def spatial_kl(p, q, temperature, tau, ignore, reduction):
-    b, c = p.shape[:2]
+    ``p``, ``q`` float [B, C, H, W] (contiguous, one dtype), ``ignore`` bool [B, H, W] or None;
+    ``temperature`` > 0 and ``tau`` Python floats. Returns ``lse`` float32 [B, 2, C] (LSE_p, LSE_q
+    of p/t and q/t over Omega_b; -inf where Omega_b is empty), ``kl`` float32 [B, C] (KL per class;
+    meaningless, possibly NaN, where |Omega_b| < 2) and ``n`` int64 [B] (|Omega_b|).
+    """
+    c = p.shape[1]
     ign = None if ignore is None else ignore.view(torch.uint8)
     lse, kl, n = _statistics(p, q, float(temperature), float(tau), ign)
-    weight = _per_image_weight(n, c)
-    # degenerate images may hold NaN statistics (0/0): select, never multiply
-    per_image = torch.where(weight > 0, kl.sum(dim=1) * weight, 0.0)
-    if reduction == "mean":
-        out = per_image.mean()
-    elif reduction == "sum":
-        out = per_image.sum()
-    else:
-        out = per_image
-    return out.to(q.dtype), lse[:, :, :c].contiguous(), weight
+    return lse[:, :, :c].contiguous(), kl, n
 
 
-def spatial_kl_backward(grad, p, q, lse, weight, temperature, tau, ignore, reduction):
+def spatial_kl_backward(p, q, lse, scale, temperature, tau, ignore):
+    """dq = s_b (softmax_j(q_k/t) - softmax_j(p_k/t)) over Omega_b, 0 elsewhere, in one pass.
+
+    ``p``, ``q`` float [B, C, H, W] (contiguous, one dtype), ``lse`` float32 [B, 2, C] from
+    :func:`spatial_kl`, ``scale`` float [B] (the op's per-image factor s_b; used in float32),
+    ``ignore`` bool [B, H, W] or None. Returns ``dq`` [B, C, H, W] in the dtype of ``q``.
+    """
     b, c = p.shape[:2]
     hw = p.numel() // (b * c)
     ign = None if ignore is None else ignore.view(torch.uint8)
     # rows without Omega have LSE = -inf; their pixels are all masked, but keep the exp finite
     lse = torch.where(torch.isfinite(lse), lse, 0.0).contiguous()
-    scale = weight / float(temperature) * grad.float().expand(b)
-    if reduction == "mean":
-        scale = scale / b
     dq = torch.empty_like(q)
     has_ignore = ign is not None
-    _kl_grad_kernel[(b, triton.cdiv(hw, _BLOCK_J))](
-        p, q, ign if has_ignore else p, lse, scale.contiguous(), dq, c, hw, 1.0 / float(temperature), float(tau),
-        HAS_IGNORE=has_ignore, BLOCK_C=triton.next_power_of_2(c), BLOCK_J=_BLOCK_J)
+    block_j = TILES["BLOCK_J"]
+    _kl_grad_kernel[(b, triton.cdiv(hw, block_j))](
+        p, q, ign if has_ignore else p, lse, scale.float().contiguous(), dq, c, hw, 1.0 / float(temperature),
+        float(tau), HAS_IGNORE=has_ignore, BLOCK_C=triton.next_power_of_2(c), BLOCK_J=block_j)
     return dq
 
 

@@ -3,7 +3,7 @@
 Every expected failure ends in one line on stderr that names the cause and the argument or file,
 and an exit status: 2 for a bad command line or configuration (``ConfigError``), 1 for a failure
 while running (bad or missing data, a corrupt checkpoint, a full disk, a permission, a NaN run),
-130 for an interrupt. ``--debug`` (or ``SEMISEG_DEBUG=1``) shows the traceback instead.
+128 + the signal for SIGINT (130) or SIGTERM (143), after ``latest.pt`` was written. ``--debug`` (or ``SEMISEG_DEBUG=1``) shows the traceback instead.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import time
 from .config import parse_config
 from .errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
 
-USAGE_ERROR, RUN_ERROR, INTERRUPTED = 2, 1, 130
+USAGE_ERROR, RUN_ERROR = 2, 1
 RUN_ERRORS = (DataError, NonFiniteLossError, CheckpointError, OSError)
 
 
@@ -43,8 +43,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return USAGE_ERROR if isinstance(e, ConfigError) else RUN_ERROR
-    except KeyboardInterrupt:
-        return INTERRUPTED
+    except KeyboardInterrupt as e:  # the trainer saved latest.pt first (Interrupted carries the signal)
+        return 128 + getattr(e, "signum", 2)
     finally:
         import torch.distributed as dist
 

@@ -94,7 +94,9 @@ class RunOptions:
     log_every: int = field(default=10, metadata={"help": "log and check for NaN every N iterations"})
     ckpt_every: int = field(default=100, metadata={"help": "write latest.pt every N iterations (0: at eval and end only)"})
     out: str | None = field(default=None, metadata={"help": "run directory (default runs/<method>-<data>)"})
-    resume: bool = field(default=False, metadata={"help": "resume from <out>/latest.pt when it exists"})
+    resume: bool = field(default=False, metadata={"help": "continue the run in --out from its latest.pt (an error when there is none)"})
+    overwrite: bool = field(default=False, metadata={"help": "start again in an --out that holds a run, deleting its checkpoints, metrics and logs"})
+    change_schedule: bool = field(default=False, metadata={"help": "with --resume: continue with a changed --iters, --lr, batch size or crop instead of refusing them"})
     log_backend: str = field(default="auto", metadata={"help": "auto (TensorBoard if installed, else CSV) | tensorboard | csv"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
@@ -152,6 +154,7 @@ class TrainConfig(*reversed(SECTIONS)):  # dataclass fields come base-last first
         need(self.amp in ("auto", "bf16", "off"), "amp", "expected auto, bf16 or off")
         need(self.compile in ("auto", "on", "off"), "compile", "expected auto, on or off")
         need(self.log_backend in ("auto", "tensorboard", "csv"), "log_backend", "expected auto, tensorboard or csv")
+        need(not (self.resume and self.overwrite), "overwrite", "--resume continues a run, --overwrite deletes it: use one")
         need(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device",
              "expected auto, cpu, cuda or cuda:N")
         try:

@@ -11,21 +11,26 @@ import torch
 
 def _atomic_write(path: str | os.PathLike, mode: str, write: Callable[[IO], None]) -> Path:
     """Write through ``write(file)`` to a temporary file in the same folder, fsync, then ``os.replace``:
-    a crash or a full disk leaves the previous file whole."""
+    a crash or a full disk leaves the previous file whole, and an ``OSError`` names ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:  # a read-only or foreign folder
+        raise OSError(e.errno, f"could not write {path}: {e.strerror or e}") from e
     try:
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(e, OSError):  # a full disk, a quota: say which file could not be written
+            raise OSError(e.errno, f"could not write {path}: {e.strerror or e}") from e
         raise
     # make the rename itself durable
     try:

@@ -8,6 +8,7 @@ from torch import nn
 from semiseg_fast.data.streams import IndexStream
 from semiseg_fast.engine import ConfusionMatrix, atomic_save, load_checkpoint, poly_factor
 from semiseg_fast.engine.evaluate import SegMetrics
+from semiseg_fast.errors import CheckpointError
 from semiseg_fast.methods.ema import EMA, ema_decay
 from semiseg_fast.nvtx import nvtx_range
 
@@ -95,11 +96,14 @@ def test_atomic_save_keeps_previous_file_on_failure(tmp_path, monkeypatch):
 
 
 def test_load_checkpoint_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope.pt"):
+    with pytest.raises(CheckpointError, match="nope.pt: no checkpoint there"):
         load_checkpoint(tmp_path / "nope.pt")
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(RuntimeError, match="bad.pt"):
+    with pytest.raises(CheckpointError, match="bad.pt: truncated or not a checkpoint"):
         load_checkpoint(tmp_path / "bad.pt")
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(CheckpointError, match="list.pt: not a checkpoint"):
+        load_checkpoint(tmp_path / "list.pt")
 
 
 def test_index_stream_epochs_and_resume():

@@ -428,9 +428,11 @@ def test_registered_kernel_is_dispatched(monkeypatch):
     p, q, _ = kl_case()
     calls = []
 
-    def fake_kernel(p, q, temperature, tau, ignore, reduction):
+    def fake_kernel(p, q, temperature, tau, ignore):
+        # per-image statistics (lse, kl, |Omega|): the op makes the loss of them, here 42
         calls.append(p.is_contiguous())
-        return q.new_full((), 42.0), torch.zeros(p.shape[0], 2, p.shape[1]), torch.zeros(p.shape[0])
+        b, c = p.shape[:2]
+        return torch.zeros(b, 2, c), torch.full((b, c), 42.0 * math.log(3)), torch.full((b,), 3)
 
     monkeypatch.setattr(_dispatch, "KERNELS", {})
     monkeypatch.setitem(_dispatch.KERNELS, "spatial_kl", fake_kernel)
@@ -440,7 +442,7 @@ def test_registered_kernel_is_dispatched(monkeypatch):
         ops.spatial_kl(p, q, impl="triton")  # the backward kernel is missing
     monkeypatch.setitem(_dispatch.KERNELS, "spatial_kl_backward", lambda *a: torch.zeros(1))
     p_strided = p.transpose(2, 3).contiguous().transpose(2, 3)
-    assert ops.spatial_kl(p_strided, q, impl="triton") == 42
+    assert float(ops.spatial_kl(p_strided, q, impl="triton")) == pytest.approx(42.0)
     assert calls == [True]  # launchers get contiguous tensors
 
 

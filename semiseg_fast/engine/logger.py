@@ -2,12 +2,17 @@
 from __future__ import annotations
 
 import csv
+import io
 import os
 from pathlib import Path
 
+from ..fileio import atomic_write_text
+
 
 class ScalarLogger:
-    def __init__(self, run_dir: str | os.PathLike, backend: str = "auto"):
+    def __init__(self, run_dir: str | os.PathLike, backend: str = "auto", after_step: int | None = None):
+        """``after_step``: a resumed run continues ``metrics.csv`` from that iteration, dropping the
+        rows a killed run wrote after its last checkpoint (they would be written again)."""
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._tb = None
@@ -28,6 +33,14 @@ class ScalarLogger:
         if not self._csv_path.is_file() or self._csv_path.stat().st_size == 0:
             with open(self._csv_path, "w", newline="") as f:
                 csv.writer(f).writerow(["step", "tag", "value"])
+        elif after_step is not None:
+            with open(self._csv_path, newline="") as f:
+                rows = list(csv.reader(f))
+            kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= after_step]
+            if len(kept) != len(rows):
+                text = io.StringIO()
+                csv.writer(text).writerows(kept)
+                atomic_write_text(self._csv_path, text.getvalue())
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
         with open(self._csv_path, "a", newline="") as f:

@@ -1,8 +1,17 @@
 """The training engine: data streams, the per-iteration step, evaluation, checkpoints, logging.
 
 The step never waits for the device: metrics accumulate in device tensors and are read (one sync)
-every ``log_every`` iterations, which is also when a NaN/inf loss is noticed. Checkpoints are
-written only after that check, so ``latest.pt`` always holds the last good state.
+every ``log_every`` iterations. A step whose loss or gradients are not finite is skipped on the
+device (``optim.FiniteStep``: the weights and momentum stay as they were), counted
+(``train/skipped_steps``) and reported at the next read; ``MAX_SKIPPED_IN_A_ROW`` skipped steps in
+a row stop the run with ``NonFiniteLossError``, the last checkpoint intact (it only ever holds
+finite weights).
+
+The run directory is one run's: a directory that already holds one is refused unless ``resume``
+(continue it: same data, model and schedule, ``metrics.csv`` cut back to the checkpoint's
+iteration) or ``overwrite`` (start again). SIGTERM and SIGINT stop the loop after the current
+iteration and write ``latest.pt``; ``latest.pt`` holds what resume needs, ``best.pt`` the weights of
+the best evaluated model and the config only.
 """
 from __future__ import annotations
 
@@ -10,6 +19,8 @@ import dataclasses
 import inspect
 import os
 import random
+import signal
+import threading
 import time
 from functools import partial
 from pathlib import Path
@@ -20,14 +31,15 @@ import torch
 from .. import __version__
 from ..data import build_dataset
 from ..data.splits import parse_labeled
-from ..errors import ConfigError, NonFiniteLossError
+from ..errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
+from ..fileio import atomic_write_text
 from ..methods import build_method
 from ..nvtx import nvtx_range
 from .checkpoint import atomic_save, load_checkpoint
 from .distributed import convert_sync_batchnorm, init_distributed
 from .evaluate import SegMetrics, val_confusion
 from .logger import ScalarLogger
-from .optim import build_sgd, poly_factor, set_lr
+from .optim import FiniteStep, build_sgd, poly_factor, set_lr
 
 
 def resolve_device(name: str) -> torch.device:
@@ -52,6 +64,58 @@ def configure_determinism(deterministic: bool, device: torch.device) -> None:
         torch.backends.cudnn.benchmark = True
 
 
+MAX_SKIPPED_IN_A_ROW = 5
+#: files that make a directory hold a run
+RUN_FILES = ("latest.pt", "best.pt", "metrics.csv", "config.json")
+#: options a resumed run must share with its checkpoint (else it would be another run) ...
+SAME_RUN = ("method", "data", "arch", "backbone", "labeled", "data_seed", "num_train", "seed")
+#: ... and those that change the schedule, refused unless ``change_schedule``
+SCHEDULE = ("iters", "lr", "head_lr_mult", "lr_power", "momentum", "weight_decay", "batch_size",
+            "unlabeled_batch_size", "crop")
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGINT stopped the run after ``latest.pt`` was written; ``signum`` says which."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Apply the run-directory rules (module docstring); remove what an interrupted write left."""
+    held = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if resume:
+        if not (run_dir / "latest.pt").is_file():
+            raise ConfigError(f"--resume: no checkpoint {run_dir / 'latest.pt'} to resume from")
+    elif held and not overwrite:
+        raise ConfigError(f"--out: {run_dir} already holds a run ({', '.join(held)}); pass --resume to continue "
+                          "it, --overwrite to start it again, or another --out")
+    elif held:
+        for name in held:
+            (run_dir / name).unlink()
+        tb = run_dir / "tb"
+        if tb.is_dir():
+            for f in sorted(tb.rglob("*"), reverse=True):
+                f.unlink() if f.is_file() else f.rmdir()
+            tb.rmdir()
+    if run_dir.is_dir():
+        for stale in run_dir.glob(".*.pt.*.tmp"):  # a write killed before its rename (atomic_save)
+            stale.unlink()
+
+
+def _numpy_rng_state() -> dict:
+    # as tensors and plain numbers: a checkpoint must load with weights_only=True
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+            "gauss": float(gauss)}
+
+
+def _set_numpy_rng_state(state: dict) -> None:
+    np.random.set_state(("MT19937", state["keys"].numpy().astype(np.uint32), state["pos"], state["has_gauss"],
+                         state["gauss"]))
+
+
 def _progress_bar(total: int, initial: int, enabled: bool):
     try:
         from tqdm.auto import tqdm
@@ -67,6 +131,8 @@ class Trainer:
     def __init__(self, cfg, echo=print):
         self.cfg = cfg.validate()
         self.echo = echo
+        self.run_dir = Path(cfg.out)
+        prepare_run_dir(self.run_dir, cfg.resume, cfg.overwrite)
         self.device = resolve_device(cfg.device)
         self.dist = init_distributed(self.device.type)
         if self.dist.enabled and self.device.type == "cuda":
@@ -80,7 +146,12 @@ class Trainer:
         # -- data: the data set hands out resumable, DDP-sharded batch streams --
         self.data = build_dataset(cfg if self.dist.is_main else dataclasses.replace(cfg, progress=False))
         self.num_classes = self.data.num_classes
-        labeled_idx, unlabeled_idx = self.data.split(parse_labeled(cfg.labeled), cfg.data_seed, Path(cfg.out))
+        try:
+            labeled_idx, unlabeled_idx = self.data.split(parse_labeled(cfg.labeled), cfg.data_seed, self.run_dir)
+        except (ConfigError, DataError):
+            raise
+        except ValueError as e:  # a count larger than the training set
+            raise ConfigError(f"--labeled: {e}") from None
         self.num_labeled = labeled_idx.numel()
 
         # -- method, optimizer --
@@ -100,6 +171,7 @@ class Trainer:
                                                        batch_size=cfg.unlabeled_batch_size, seed=cfg.seed * 7 + 2 + k)
         self.optimizer = build_sgd(*self.method.param_groups(), lr=cfg.lr, head_lr_mult=cfg.head_lr_mult,
                                    momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        self.finite_step = FiniteStep(self.optimizer, [b for net in self.method.students() for b in net.buffers()])
         # The data generator draws crops for the global batch, alike on every rank (see
         # data/source.py); the methods' own augmentation (strong views, CutMix boxes) must differ
         # between ranks, so under DDP it has a generator per rank.
@@ -128,22 +200,27 @@ class Trainer:
         self.best_miou = float("-inf")
         self.last_metrics: SegMetrics | None = None
         self._step_t = torch.zeros((), dtype=torch.long, device=self.device)
-        self._first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
+        # skipped (non-finite) steps since the last read: count, first one, longest run in a row
+        self._skipped = torch.zeros((), dtype=torch.long, device=self.device)
+        self._first_skipped = torch.full((), -1, dtype=torch.long, device=self.device)
+        self._in_a_row = torch.zeros((), dtype=torch.long, device=self.device)
+        self._streak_start = torch.zeros((), dtype=torch.long, device=self.device)
+        self._most_in_a_row = torch.zeros((), dtype=torch.long, device=self.device)
+        self._stop_signal: int | None = None
         self._progress = torch.zeros((), dtype=torch.float32, device=self.device)
         self._acc: dict[str, torch.Tensor] = {}
         self._acc_n = 0
 
-        self.run_dir = Path(cfg.out)
         if not self.dist.is_main:  # one process writes the run directory and talks to the user
             self.echo = lambda *args, **kwargs: None
-        if cfg.resume and (self.run_dir / "latest.pt").is_file():
+        if cfg.resume:
             self.load(self.run_dir / "latest.pt")
             self.echo(f"resumed from {self.run_dir / 'latest.pt'} at iteration {self.step}")
         self.logger = None
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.json").write_text(cfg.to_json() + "\n")
-            self.logger = ScalarLogger(self.run_dir, cfg.log_backend)
+            atomic_write_text(self.run_dir / "config.json", cfg.to_json() + "\n")
+            self.logger = ScalarLogger(self.run_dir, cfg.log_backend, after_step=self.step if cfg.resume else None)
 
     # -- data ---------------------------------------------------------------------------------
     def next_batch(self) -> dict[str, torch.Tensor]:
@@ -159,6 +236,7 @@ class Trainer:
         cfg = self.cfg
         lr = set_lr(self.optimizer, cfg.lr, poly_factor(self.step, cfg.iters, cfg.lr_power))
         self._progress.fill_(self.step / cfg.iters)
+        self.finite_step.begin()
         with nvtx_range("data"):
             batch = self.next_batch()
         # autocast covers augment too: some methods run a no-grad labelling pass there
@@ -170,25 +248,41 @@ class Trainer:
         with nvtx_range("backward"):
             out["loss"].backward()
         with nvtx_range("optimizer"):
-            self.optimizer.step()
+            bad = ~self.finite_step.step(out["loss"])
             self.optimizer.zero_grad(set_to_none=True)
         self.method.after_step(self.step)
         self._step_t += 1  # iterations are numbered from 1, as in the progress bar and the logs
         self.step += 1
-        bad = ~torch.isfinite(out["loss"].detach())
-        self._first_bad = torch.where((self._first_bad < 0) & bad, self._step_t, self._first_bad)
+        self._skipped += bad
+        self._first_skipped = torch.where((self._first_skipped < 0) & bad, self._step_t, self._first_skipped)
+        self._in_a_row = (self._in_a_row + 1) * bad
+        self._streak_start = torch.where(bad & (self._in_a_row == 1), self._step_t, self._streak_start)
+        self._most_in_a_row = torch.maximum(self._most_in_a_row, self._in_a_row)
         self.lr = lr
         return out
 
-    def _check_finite(self) -> None:
-        first_bad = int(self.dist.all_reduce(self._first_bad, "max"))  # one sync, every log_every iterations
-        if first_bad >= 0:
+    def _check_skipped(self) -> int:
+        """Read (one sync) and reset the skipped-step counters; warn, or stop after too many in a row."""
+        stats = torch.stack((self._skipped, self._most_in_a_row, self._first_skipped, self._streak_start))
+        skipped, in_a_row, first, streak = (int(v) for v in self.dist.all_reduce(stats, "max").tolist())
+        self._skipped.zero_()
+        self._first_skipped.fill_(-1)
+        self._most_in_a_row.zero_()
+        if in_a_row >= MAX_SKIPPED_IN_A_ROW:
             last = self.run_dir / "latest.pt"
-            kept = f"; the last good checkpoint is {last}" if last.is_file() else ""
+            kept = f"; the last checkpoint, {last}, holds finite weights" if last.is_file() else ""
             raise NonFiniteLossError(
-                f"loss became NaN/inf at iteration {first_bad} (method {self.cfg.method}){kept}. "
-                "Lower --lr, check the data, or resume from the checkpoint with --resume."
-            )
+                f"the loss or the gradients were NaN/inf in {in_a_row} iterations in a row (method {self.cfg.method}, "
+                f"first at iteration {streak}){kept}. Lower --lr, check the data, or resume with --resume.")
+        if skipped:
+            self.echo(f"warning: skipped {skipped} iteration(s) with a NaN/inf loss or gradient, the first at "
+                      f"iteration {first}; the weights were left as they were")
+        return skipped
+
+    def _on_signal(self, signum, frame) -> None:
+        # stop after the current iteration, when the state is whole; a second signal stops at once
+        self._stop_signal = signum
+        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
 
     def train(self, max_steps: int | None = None) -> SegMetrics | None:
         """Run until ``cfg.iters`` (or until ``max_steps`` total iterations, for tests and profiling)."""
@@ -198,6 +292,9 @@ class Trainer:
         images_per_step = cfg.batch_size + (cfg.unlabeled_batch_size * (1 + self.method.extra_unlabeled_batches)
                                             if self.method.uses_unlabeled else 0)
         t0, s0 = time.perf_counter(), self.step
+        handlers = {}
+        if threading.current_thread() is threading.main_thread():
+            handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             while self.step < stop:
                 out = self.train_step()
@@ -208,12 +305,13 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
                 last = self.step == stop
-                if self.step % cfg.log_every == 0 or last:
-                    self._check_finite()
+                if self.step % cfg.log_every == 0 or last or self._stop_signal is not None:
+                    skipped = self._check_skipped()
                     keys = sorted(self._acc)
                     sums = self.dist.all_reduce(torch.stack([self._acc[k] for k in keys])) / self.dist.world
                     means = dict(zip(keys, (sums / self._acc_n).tolist()))
                     means["lr"] = self.lr
+                    means["skipped_steps"] = skipped
                     self._acc, self._acc_n = {}, 0
                     ips = (self.step - s0) * images_per_step * self.dist.world / max(time.perf_counter() - t0, 1e-9)
                     if self.logger is not None:
@@ -223,17 +321,17 @@ class Trainer:
                         bar.set_postfix(loss=f"{means['loss']:.3f}", lr=f"{means['lr']:.2e}", img_s=f"{ips:.1f}")
                 do_eval = (cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == cfg.iters
                 if do_eval:
-                    self._check_finite()
                     self.run_eval()
                 if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or do_eval or last:
-                    self._check_finite()
                     self.save(self.run_dir / "latest.pt")
-        except KeyboardInterrupt:
-            self._check_finite()
-            self.save(self.run_dir / "latest.pt")
-            self.echo(f"\ninterrupted at iteration {self.step}; latest.pt saved, continue with --resume")
-            raise
+                if self._stop_signal is not None:
+                    self.save(self.run_dir / "latest.pt")
+                    self.echo(f"\n{signal.Signals(self._stop_signal).name}: stopped at iteration {self.step}; "
+                              f"{self.run_dir / 'latest.pt'} saved, continue with --resume")
+                    raise Interrupted(self._stop_signal)
         finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, signal.SIG_DFL if handler is None else handler)
             if bar is not None:
                 bar.close()
         return self.last_metrics
@@ -251,7 +349,9 @@ class Trainer:
             self.logger.log(self.step, scalars)
         if metrics.miou > self.best_miou:
             self.best_miou = metrics.miou
-            self.save(self.run_dir / "best.pt")
+            if self.dist.is_main:  # the evaluated weights and the config: what using the model needs
+                atomic_save({"version": __version__, "step": self.step, "miou": metrics.miou, "config": self.cfg.to_dict(),
+                             "model": self.method.eval_model().state_dict()}, self.run_dir / "best.pt")
         return metrics
 
     # -- checkpoints --------------------------------------------------------------------------
@@ -260,7 +360,7 @@ class Trainer:
             "torch": torch.get_rng_state(),
             "generator": self.generator.get_state(),
             "python": random.getstate(),
-            "numpy": np.random.get_state(),
+            "numpy": _numpy_rng_state(),
         }
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
@@ -290,13 +390,22 @@ class Trainer:
 
     def load(self, path: str | os.PathLike) -> None:
         state = load_checkpoint(path, map_location=self.device)
+        if not {"method", "optimizer", "streams", "rng", "step"} <= state.keys():
+            raise CheckpointError(f"{path}: not a resumable checkpoint (best.pt holds weights only; resume from "
+                                  "latest.pt)")
         saved = state.get("config", {})
-        for key in ("method", "arch", "backbone", "data"):
+        keys = SAME_RUN + (() if self.cfg.change_schedule else SCHEDULE)
+        for key in keys:
             if saved.get(key, getattr(self.cfg, key)) != getattr(self.cfg, key):
-                raise ConfigError(f"--{key}: checkpoint {path} was trained with {saved[key]!r}, "
-                                  f"not {getattr(self.cfg, key)!r}")
-        self.method.load_state_dict(state["method"])
-        self.optimizer.load_state_dict(state["optimizer"])
+                hint = "" if key in SAME_RUN else " (pass --change-schedule to continue with the new value)"
+                raise ConfigError(f"--{key.replace('_', '-')}: checkpoint {path} was trained with {saved[key]!r}, "
+                                  f"not {getattr(self.cfg, key)!r}{hint}")
+        try:
+            self.method.load_state_dict(state["method"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            first = str(e).strip().splitlines()[0]
+            raise CheckpointError(f"{path}: does not fit this {self.cfg.method} model ({first[:200]})") from e
         for k, s in state["streams"].items():
             self.streams[k].load_state_dict(s)
         rng = dict(state["rng"])
@@ -311,7 +420,7 @@ class Trainer:
         torch.set_rng_state(rng["torch"].cpu())
         self.generator.set_state(rng["generator"].cpu())
         random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
+        _set_numpy_rng_state(rng["numpy"])
         if "cuda" in rng and self.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"].cpu(), self.device)
         self.step = int(state["step"])

@@ -11,6 +11,7 @@ Python entry               custom ops                                           
 ``entropy_percentile``     ``entropy_percentile``                                 none
 ``percentile``             ``percentile``                                         none
 ``rank_mask``              ``rank_mask``                                          none
+``teacher_stats``          ``teacher_stats``                                      none
 ``sampled_contrast``       ``sampled_contrast`` (+ ``_backward``)                 closed form
 ``class_bank_contrast``    ``class_bank_contrast`` (+ ``_backward``)              closed form
 ``graph_propagate``        ``graph_mix``, ``class_propagate`` (+ ``_backward``)   closed form
@@ -19,8 +20,11 @@ Python entry               custom ops                                           
 Every entry validates its inputs in Python (errors name the argument), takes explicit index
 tensors where the method samples, and picks its implementation through one switch:
 ``impl=`` on the call, the :func:`use_impl` context, or ``SEMISEG_IMPL`` ("auto", "reference",
-"triton"; see ``_dispatch``). Until the fused kernels land (``kernels/``), "auto" runs the
-references everywhere and "triton" raises NotImplementedError naming the op.
+"triton"; see ``_dispatch``). "auto" runs the fused kernels (``kernels/``) on the CUDA tensors
+they take and the references (``semiseg_fast.reference``) otherwise; "triton" forces the kernels
+(on CPU through the Triton interpreter) and raises NotImplementedError naming the op where none
+can run: Triton not importable, or inputs a kernel does not take (e.g. float64 for the
+percentile's 32-bit radix keys).
 """
 from ._dispatch import IMPLS, register_kernel, requested_mode, use_impl
 from .contrast import class_bank_contrast, sampled_contrast

@@ -21,7 +21,10 @@ modules import nothing from the package: the arrow stays ``kernels <- ops``. A l
 same arguments as the op's reference body (listed in each op module) and receives contiguous
 tensors; it may carry an ``accepts(*args) -> bool`` attribute, and inputs it does not accept run
 the reference under "auto" and fail, naming their dtypes, under "triton". Without Triton the
-import fails, the error is kept, and "triton" reports it.
+import fails, the error is kept, and "triton" reports it. A launcher may return intermediate
+results that the op finishes in torch for both implementations alike (spatial KL's per-image
+statistics); an op that must prepare an argument differently for the reference asks
+:meth:`HotPath.launcher` which one will run.
 
 Eager calls read ``SEMISEG_IMPL`` at every call. Compiled graphs fix the mode when traced:
 ``use_impl`` sets a module global that dynamo guards (entering or leaving a context re-traces),
@@ -124,27 +127,39 @@ class HotPath:
                     raise _missing_kernel(op, self.name)
         return mode
 
+    def launcher(self, op: str, mode: str, device: torch.device, *args) -> Callable | None:
+        """The kernel :meth:`launch` would run ``op`` on ``args`` with, or None where it would run
+        the reference; raises where ``launch`` would ("triton" without a kernel that takes them).
+
+        For the rare op that prepares its arguments differently for the reference (spatial KL's
+        float64 gradient scale); the others just call :meth:`launch`.
+        """
+        if not (mode == "triton" or (mode == "auto" and device.type == "cuda")):
+            return None
+        launcher = KERNELS.get(op)
+        if launcher is None and mode == "triton":
+            raise _missing_kernel(op, self.name)
+        # a launcher may declare which inputs it takes (e.g. no float64 for 32-bit radix keys)
+        accepts = getattr(launcher, "accepts", None)
+        if accepts is not None and not accepts(*args):
+            if mode == "triton":
+                dtypes = sorted({str(a.dtype) for a in args if isinstance(a, Tensor)})
+                raise NotImplementedError(
+                    f"semiseg::{op}: the 'triton' kernel does not take these inputs ({', '.join(dtypes)}); "
+                    f"use 'reference' or 'auto' for them")
+            return None
+        return launcher
+
     def launch(self, op: str, mode: str, device: torch.device, reference: Callable, *args):
         """Run ``op`` on ``args`` with its kernel or ``reference``, as ``mode`` and ``device`` say.
 
-        Called inside the custom ops, where it runs eagerly (torch.compile keeps the op opaque).
-        Tensors are made contiguous first (a copy only for strided inputs): the layout kernels
-        index, and the one the fake registrations promise for the outputs.
+        ``args``: the op's launcher arguments (tensors of any dtype and shape [...], and Python
+        values); ``reference`` takes the same ones. Called inside the custom ops, where it runs
+        eagerly (torch.compile keeps the op opaque). Tensors are made contiguous first (a copy only
+        for strided inputs): the layout kernels index, and the one the fake registrations promise
+        for the outputs.
         """
-        launcher = None
-        if mode == "triton" or (mode == "auto" and device.type == "cuda"):
-            launcher = KERNELS.get(op)
-            if launcher is None and mode == "triton":
-                raise _missing_kernel(op, self.name)
-            # a launcher may declare which inputs it takes (e.g. no float64 for 32-bit radix keys)
-            accepts = getattr(launcher, "accepts", None)
-            if accepts is not None and not accepts(*args):
-                if mode == "triton":
-                    dtypes = sorted({str(a.dtype) for a in args if isinstance(a, Tensor)})
-                    raise NotImplementedError(
-                        f"semiseg::{op}: the 'triton' kernel does not take these inputs ({', '.join(dtypes)}); "
-                        f"use 'reference' or 'auto' for them")
-                launcher = None
+        launcher = self.launcher(op, mode, device, *args)
         args = tuple(a.contiguous() if isinstance(a, Tensor) else a for a in args)
         return (launcher or reference)(*args)
 
@@ -178,12 +193,14 @@ def fp32_matmul_precision() -> str:
 
 
 def check_tensor(name: str, x: object) -> None:
+    """``x`` a Tensor (any dtype, any shape [...]); a TypeError naming ``name`` otherwise."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
 
 
 def check_float(name: str, x: object, layout: str, ndim: int) -> None:
-    """A floating tensor of ``ndim`` dimensions described as ``layout`` (e.g. "[N, D]")."""
+    """``x`` float16/bfloat16/float32/float64 with ``ndim`` dimensions, described in errors as
+    ``layout`` (e.g. "[N, D]")."""
     check_tensor(name, x)
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name}: expected float16, bfloat16, float32 or float64, got {x.dtype}")
@@ -192,7 +209,8 @@ def check_float(name: str, x: object, layout: str, ndim: int) -> None:
 
 
 def check_like(name: str, x: object, ref_name: str, ref: Tensor, *, dtype: bool = True) -> None:
-    """Same device (and dtype unless ``dtype=False``) as ``ref``: nothing is cast or moved."""
+    """``x`` a Tensor on the device (and unless ``dtype=False`` of the dtype) of ``ref`` (any dtype,
+    any shape [...]): nothing is cast or moved."""
     check_tensor(name, x)
     if dtype and x.dtype != ref.dtype:
         raise TypeError(f"{name}: expected the dtype of {ref_name} ({ref.dtype}), got {x.dtype}")
@@ -202,11 +220,13 @@ def check_like(name: str, x: object, ref_name: str, ref: Tensor, *, dtype: bool 
 
 
 def check_shape(name: str, x: Tensor, shape: Sequence[int], layout: str) -> None:
+    """``x`` (any dtype) of exactly ``shape``, described in errors as ``layout`` (e.g. "[B, H, W]")."""
     if tuple(x.shape) != tuple(shape):
         raise ValueError(f"{name}: expected {layout} = {tuple(shape)}, got {tuple(x.shape)}")
 
 
 def check_dtype(name: str, x: Tensor, dtypes: Sequence[torch.dtype]) -> None:
+    """``x`` (any shape [...]) of one of ``dtypes``."""
     if x.dtype not in dtypes:
         names = " or ".join(str(d) for d in dtypes)
         raise TypeError(f"{name}: expected {names}, got {x.dtype}")

@@ -39,14 +39,15 @@ Kernel launcher signatures (``LAUNCHERS`` of kernels/contrast.py):
 active) -> d_anchors``, ``class_bank_contrast(z, labels, bank, positive, fill, mode,
 temperature, eps, precision) -> loss``, ``class_bank_contrast_backward(grad, z, labels, bank,
 positive, fill, mode, temperature, eps, precision, positive_grad) -> [dz] or [dz, d_positive]``
-(``precision`` "auto"/"ieee"/"tf32"; the references ignore it).
+(``precision`` "ieee" or "tf32": the ops resolve "auto" from PyTorch's float32 matmul switch
+before the launch; the references ignore it).
 """
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from .. import reference as ref
+from ..reference import contrast as ref
 from . import _dispatch as d
 
 try:
@@ -137,12 +138,13 @@ def sampled_contrast(anchors: Tensor, keys_pos: Tensor, bank: Tensor, anchor_idx
                      active: Tensor | None = None, impl: str | None = None) -> Tensor:
     """U2PL contrastive loss on explicitly sampled anchors and negatives (spec 5a).
 
-    anchors [N, D] (the only input with a gradient), keys_pos [K, D] prototypes, bank [R, D]
-    negative key rows (a ``ClassMemoryBank``'s queues flattened: ``keys().view(-1, D)`` with
-    ``flat_index``, a view, never a per-class copy), anchor_idx int64 [K, M] rows of ``anchors``
-    (duplicates add their gradients), neg_idx int64 [K, M, Nneg] rows of ``bank``, active bool
-    [K] (default all).
-    Returns sum_k active_k mean_m CE(cos(a_m, [proto, negs]) / temperature, 0) / num_valid;
+    ``anchors`` float [N, D] (the only input with a gradient), ``keys_pos`` float [K, D]
+    prototypes, ``bank`` float [R, D] negative key rows (a ``ClassMemoryBank``'s queues flattened:
+    ``keys().view(-1, D)`` with ``flat_index``, a view, never a per-class copy), all three of one
+    dtype; ``anchor_idx`` int64 [K, M] rows of ``anchors`` (duplicates add their gradients),
+    ``neg_idx`` int64 [K, M, Nneg] rows of ``bank``, ``active`` bool [K] (default all).
+    Returns a 0-d tensor of anchors' dtype,
+    sum_k active_k mean_m CE(cos(a_m, [proto, negs]) / temperature, 0) / num_valid;
     ``num_valid`` defaults to max(K, 1) and may be a 0-d device tensor (not checked for > 0,
     which would need a host read).
     """
@@ -211,12 +213,6 @@ def _fill_counts(bank: Tensor, fill: Tensor | None) -> list[int]:
     return [bank.shape[1]] * bank.shape[0] if fill is None else fill.tolist()
 
 
-def _other_rows(bank: Tensor, fill: list[int], cls: int) -> Tensor:
-    """Filled entries of every class but ``cls``, in the reference's order."""
-    rows = [bank[j, : fill[j]] for j in range(bank.shape[0]) if j != cls]
-    return torch.cat(rows) if rows else bank[0, :0]
-
-
 def _cos_backward(a: Tensor, a_norm: Tensor, keys: Tensor, k_norm: Tensor, cos: Tensor,
                   g: Tensor) -> Tensor:
     """d/da of sum_pn g_pn cos_pn, cos_pn = a_p . k_n / (|a_p| |k_n|): [P, D]."""
@@ -226,9 +222,9 @@ def _cos_backward(a: Tensor, a_norm: Tensor, keys: Tensor, k_norm: Tensor, cos: 
 
 
 def _ce_weight(x: Tensor, neg: Tensor, eps: float) -> Tensor:
-    """w = 1 / ((r + eps) D^2) of l = -log(x / D + eps), D = x + neg + eps."""
-    denom = x + neg + eps
-    return 1.0 / ((x / denom + eps) * denom**2)
+    """w = 1 / ((r + eps) D^2) of l = -log(r + eps), r = x / D, D = x + neg + eps."""
+    ratio, denom = ref.official_ratio(x, neg, eps)
+    return 1.0 / ((ratio + eps) * denom**2)
 
 
 def _hc_backward(grad: Tensor, z: Tensor, labels: Tensor, bank: Tensor, fill: list[int],
@@ -238,7 +234,7 @@ def _hc_backward(grad: Tensor, z: Tensor, labels: Tensor, bank: Tensor, fill: li
     for c in classes:
         n_pos, chosen = fill[c], labels == c
         z_c = z[chosen]
-        keys = torch.cat([bank[c, :n_pos], _other_rows(bank, fill, c)])
+        keys = torch.cat([bank[c, :n_pos], ref.other_classes(bank, fill, c)])
         z_norm, k_norm = z_c.norm(dim=1), keys.norm(dim=1)
         cos = (z_c @ keys.T) / (z_norm[:, None] * k_norm[None, :])
         e = torch.exp(cos / t)
@@ -257,12 +253,12 @@ def _lc_backward(grad: Tensor, z: Tensor, labels: Tensor, bank: Tensor, positive
     for c in classes:
         chosen = labels == c
         z_c, p_c = z[chosen], positive[chosen]
-        keys = _other_rows(bank, fill, c)
+        keys = ref.other_classes(bank, fill, c)
         z_norm, k_norm, p_norm = z_c.norm(dim=1), keys.norm(dim=1), p_c.norm(dim=1)
         cos = (z_c @ keys.T) / (z_norm[:, None] * k_norm[None, :])
         e = torch.exp(cos / t)
         neg = e.sum(dim=1)
-        s_pos = (z_c * p_c).sum(dim=1) / (z_norm * p_norm)
+        s_pos = ref.row_cosine(z_c, p_c)
         x = torch.exp(s_pos / t)
         w = _ce_weight(x, neg, eps) * (grad / (z_c.shape[0] * len(classes)))
         g_pos = (-w * (neg + eps) * x / t)[:, None]
@@ -290,12 +286,19 @@ def _reference_bank_backward(grad: Tensor, z: Tensor, labels: Tensor, bank: Tens
     return [g.to(z.dtype) for g in grads]
 
 
+def _dot_precision(precision: str) -> str:
+    """"ieee" or "tf32" for the ``precision`` argument: "auto" is PyTorch's float32 matmul
+    switch now (``torch.set_float32_matmul_precision`` or ``fp32_precision``)."""
+    return d.fp32_matmul_precision() if precision == "auto" else precision
+
+
 @torch.library.custom_op("semiseg::class_bank_contrast", mutates_args=())
 def _bank_op(z: Tensor, labels: Tensor, bank: Tensor, positive: Tensor | None,
              fill: Tensor | None, mode: str, temperature: float, eps: float,
              impl: str, precision: str = "auto") -> Tensor:
     return _PATH.launch("class_bank_contrast", impl, z.device, _reference_bank,
-                        z, labels, bank, positive, fill, mode, temperature, eps, precision)
+                        z, labels, bank, positive, fill, mode, temperature, eps,
+                        _dot_precision(precision))
 
 
 @_bank_op.register_fake
@@ -310,7 +313,7 @@ def _bank_backward_op(grad: Tensor, z: Tensor, labels: Tensor, bank: Tensor,
                       impl: str, precision: str = "auto") -> list[Tensor]:
     return _PATH.launch("class_bank_contrast_backward", impl, z.device,
                         _reference_bank_backward, grad, z, labels, bank, positive, fill, mode,
-                        temperature, eps, precision, positive_grad)
+                        temperature, eps, _dot_precision(precision), positive_grad)
 
 
 @_bank_backward_op.register_fake
@@ -327,9 +330,7 @@ def _bank_setup(ctx, inputs, output):
     ctx.save_for_backward(z, labels, bank, positive, fill)
     # "auto" read now, as the forward's launch just did: the backward runs at the forward's
     # precision even when the switch changes before backward() (a context around the forward)
-    if precision == "auto":
-        precision = d.fp32_matmul_precision()
-    ctx.config = (mode, temperature, eps, precision, impl)
+    ctx.config = (mode, temperature, eps, _dot_precision(precision), impl)
 
 
 def _bank_backward(ctx, grad):
@@ -356,21 +357,23 @@ def class_bank_contrast(z: Tensor, labels: Tensor, bank: Tensor, mode: str = "hc
                         fill: Tensor | Sequence[int] | None = None,
                         detach_positive: bool = True, precision: str | None = None,
                         impl: str | None = None) -> Tensor:
-    """CTT loss of anchors ``z`` [N, D] against per-class banks ``bank`` [C, Q, D] (spec 5a).
+    """CTT loss (a 0-d tensor of z's dtype) of anchors ``z`` float [N, D] against per-class banks
+    ``bank`` float [C, Q, D] of z's dtype (spec 5a).
 
     mode "hc": every positive of the anchor's class bank against the other classes' entries
-    (temperature default 0.1). mode "lc": one explicit ``positive`` [N, D] per anchor (the peer
-    network's feature, detached unless ``detach_positive`` is False) against the other classes
-    of a [C, 2Q, D] bank (temperature default 0.5). labels int [N], negative = not an anchor;
-    fill [C] = valid leading entries per class (default all). Semantics, eps terms and the
-    empty cases (no counted class gives 0) are the reference's.
+    (temperature default 0.1). mode "lc": one explicit ``positive`` float [N, D] per anchor (z's
+    dtype; the peer network's feature, detached unless ``detach_positive`` is False) against the
+    other classes of a [C, 2Q, D] bank (temperature default 0.5). ``labels`` int32 or int64 [N],
+    negative = not an anchor; ``fill`` int32 or int64 [C] (or a list) = valid leading entries per
+    class (default all). Semantics, eps terms and the empty cases (no counted class gives 0) are
+    the reference's.
 
     ``precision`` (fused kernel only) sets the matmul precision of float32 inputs: "ieee",
     "tf32", or None = "auto", which follows PyTorch's float32 matmul precision at the forward
     (``torch.set_float32_matmul_precision``: "highest", the default, -> IEEE; "high"/"medium"
     -> TF32; or ``torch.backends.cuda.matmul.fp32_precision``), the switch that also decides a
-    float32 ``z @ bank.T`` in PyTorch; the backward runs at the forward's precision. bf16/fp16 always run on the tensor cores
-    as given, with fp32 accumulation; float64 runs the reference.
+    float32 ``z @ bank.T`` in PyTorch; the backward runs at the forward's precision. bf16/fp16
+    always run on the tensor cores as given, with fp32 accumulation; float64 runs the reference.
     """
     mode = d.check_choice("mode", mode, _MODES)
     d.check_float("z", z, "[N, D]", 2)

@@ -264,7 +264,7 @@ def teacher_stats(logits: Tensor, size: Sequence[int] | None = None, *, first_im
                   entropy: bool = True, max_prob: bool = True, argmax: bool = True,
                   prob: bool = False, rank: bool = False, low_rank: int = 3, high_rank: int = 20,
                   impl: str | None = None) -> TeacherStats:
-    """U2PL's single pass over teacher logits [B, C, h, w] (no gradient).
+    """U2PL's single pass over teacher ``logits`` float [B, C, h, w] (no gradient).
 
     At the output grid ``size`` = (H, W) (default (h, w)), for images ``first_image`` .. B - 1:
     the logits up-sampled as ``F.interpolate(..., mode="bilinear", align_corners=True)`` would,
@@ -274,7 +274,8 @@ def teacher_stats(logits: Tensor, size: Sequence[int] | None = None, *, first_im
     ``rank``, the masks ``unlabeled`` (low_rank <= rank(c) < high_rank) and ``labeled``
     (rank(c) < low_rank) of :func:`rank_mask`. The flags choose the outputs (at least one); the
     fused kernel reads the logits once for all of them and never stores the up-sampled logits.
-    Computed in float32 for bf16/fp16/float32 logits (float64 logits: float64, reference).
+    Computed in float32 for bf16/fp16/float32 logits (float64 logits: float64, reference); the
+    dtypes and shapes of the outputs are listed in :class:`TeacherStats`.
     """
     _check_logits(logits)
     size = _check_size(size, logits)
@@ -299,13 +300,13 @@ def entropy_percentile(logits: Tensor, q: QLike, valid: Tensor | None = None, *,
                        impl: str | None = None) -> tuple[Tensor, Tensor]:
     """Entropy of the channel softmax and its percentiles over ``valid``, in one call.
 
-    logits [B, C, h, w]; ``size`` (H, W), default (h, w): the grid the entropy is taken at, the
-    logits up-sampled to it inside the fused pass (bilinear, align_corners=True, see
-    :func:`teacher_stats`). valid bool [B, H, W] (default: every pixel); q one number or a
-    sequence of numbers in [0, 100] (U2PL's three thresholds share one selection). Returns
-    (entropy [B, H, W], thresholds): thresholds is 0-d for a scalar q, else [len(q)], each equal
-    to ``numpy.percentile(entropy[valid], q_i)``. See the module docstring for dtypes, the empty
-    case and ``check_nan``.
+    ``logits`` float [B, C, h, w]; ``size`` (H, W), default (h, w): the grid the entropy is taken
+    at, the logits up-sampled to it inside the fused pass (bilinear, align_corners=True, see
+    :func:`teacher_stats`). ``valid`` bool [B, H, W] (default: every pixel); ``q`` one number or
+    a sequence of numbers in [0, 100] (U2PL's three thresholds share one selection). Returns
+    (entropy [B, H, W], thresholds): thresholds is 0-d [] for a scalar q, else [len(q)], each
+    equal to ``numpy.percentile(entropy[valid], q_i)``; both float32 (float64 for float64 logits).
+    See the module docstring for the empty case and ``check_nan``.
     """
     _check_logits(logits)
     b = logits.shape[0]
@@ -328,10 +329,10 @@ def percentile(values: Tensor, q: QLike, valid: Tensor | None = None, *, check_n
                impl: str | None = None) -> Tensor:
     """``numpy.percentile`` (linear) of ``values`` over the elements where ``valid`` is True.
 
-    values: any shape; valid: bool of the same shape. q: a number (0-d result) or a sequence
-    (result [len(q)]) in [0, 100]. Result in the dtype of ``values``; empty selection gives 0;
-    NaN among the selected values gives NaN, or ``ValueError`` with ``check_nan=True`` (one host
-    sync).
+    ``values`` float of any shape [...]; ``valid`` bool of the same shape. ``q``: a number (0-d
+    result, []) or a sequence (result [len(q)]) in [0, 100]. Result in the dtype of ``values``;
+    empty selection gives 0; NaN among the selected values gives NaN, or ``ValueError`` with
+    ``check_nan=True`` (one host sync).
     """
     d.check_tensor("values", values)
     if values.dtype not in d.FLOAT_DTYPES:
@@ -348,7 +349,7 @@ def percentile(values: Tensor, q: QLike, valid: Tensor | None = None, *, check_n
 
 def rank_mask(prob: Tensor, low_rank: int = 3, high_rank: int = 20, *,
               impl: str | None = None) -> tuple[Tensor, Tensor]:
-    """U2PL negative-class masks from prob [B, C, H, W]: (unlabeled, labeled), bool [B, C, H, W].
+    """U2PL negative-class masks from ``prob`` float [B, C, H, W]: (unlabeled, labeled), bool [B, C, H, W].
 
     unlabeled = low_rank <= rank(c) < high_rank, labeled = rank(c) < low_rank, with rank 0 the
     most probable class and ties broken toward the lower class index. ``high_rank`` may exceed C

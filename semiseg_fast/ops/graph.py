@@ -15,25 +15,33 @@ and after them, in Python, by :func:`graph_propagate`:
     F''      = conv_f(F')                           (autograd of the module)
 
 A^ (semantic kNN graph of F), the confidence mask m, the labels y and Q^ are computed without
-gradient as in the official code. The backward ops use the reference's closed form
+gradient as in the official code. The backward ops use the closed form of
 :func:`semiseg_fast.reference.graph_propagate_grad` (dZ = A^(l1 g) + l2 g, dF = Q^ g; both graphs
 symmetric); each op owns one half of it. No N x N matrix crosses an op boundary, so the
 backward recomputes its graph from the saved inputs (the fused kernels stream its tiles again
 from O(N) per-node data, kernels/graph.py). F gets its gradient through ``class_propagate``
 only; Z'' feeds that op as a constant. Under "auto" on CUDA both masks of the class graph run
-fused (the official one streamed, the intended one by its rank-C form); k > 64 runs the
-reference semantic graph.
+fused (the official one streamed by the kernels, the intended one by its rank-C torch form
+:func:`semiseg_fast.reference.class_graph_lowrank`, here, wherever the kernels would run); k > 64
+runs the reference semantic graph.
+
+What is not a graph product is computed here, once, for the kernels and the references alike:
+the confidence rule, the mix and its weights (``reference.confidence_mask``, ``mix``,
+``mix_weights``) and the official one-hot OH' (``reference.official_onehot``). They run in the
+dtype the launch computed in (float32 from the kernels, the reference's compute dtype otherwise),
+read from its output, so the kernels' float32 arithmetic is what it was when they did it.
 
 Precision: float32/float64 compute in their own dtype; bf16/fp16 compute in float32 and
 results and gradients come back in the input dtype.
 
-Kernel launcher signatures (``LAUNCHERS`` of kernels/graph.py):
-``graph_mix(Z, F, eta, k, threshold) -> (Z', y, m, state)``, ``graph_mix_backward(grad, F, mask,
-k, state) -> dZ`` (state [N, 2] float32: the kernel's theta and d^-1/2, which its backward
-reuses; zeros from the reference, whose backward rebuilds the dense graph; the backward op
-takes state=None, then the kernel rebuilds its graph too),
-``class_propagate(logits, y, F, official_layout, h, w) -> F'``,
-``class_propagate_backward(grad, logits, y, official_layout, h, w) -> dF``.
+Kernel launcher signatures (``LAUNCHERS`` of kernels/graph.py; the reference bodies here take
+the same arguments and compute in ``compute_dtype``, the kernels in float32):
+``graph_mix(Z, F, k) -> (A^ Z, state)``, ``graph_mix_backward(grad, l1, F, k, state) -> A^ (l1
+grad)`` (state [N, 2] float32: the kernel's theta and d^-1/2, which its backward reuses; zeros
+from the reference, whose backward rebuilds the dense graph; the backward op takes state=None,
+then the kernel rebuilds its graph too), ``class_propagate(logits, onehot, F) -> Q^ F`` and
+``class_propagate_backward(grad, logits, onehot) -> Q^ grad`` with the mask of the one-hot rows
+``onehot`` (the official layout's OH').
 """
 import functools
 from collections.abc import Callable
@@ -41,7 +49,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .. import reference as ref
+from ..reference import graph as ref
 from . import _dispatch as d
 
 try:
@@ -49,6 +57,7 @@ try:
 except ImportError as exc:  # no Triton on this platform: the references serve every call
     _kernels = exc
 _PATH = d.HotPath("graph", _kernels)
+
 
 Conv = Callable[[Tensor], Tensor]
 
@@ -71,69 +80,69 @@ def _per_image(*batched: int) -> Callable[[Callable], Callable]:
     return wrap
 
 
-def _z_grad(a_hat: Tensor, mask: Tensor, grad: Tensor) -> Tensor:
-    # The F half of the closed form gets an empty graph: it belongs to class_propagate.
-    return ref.graph_propagate_grad(a_hat, a_hat[:, :0], mask, grad, grad[:0])[0]
-
-
-def _f_grad(q_hat: Tensor, grad: Tensor) -> Tensor:
-    # The Z half of the closed form gets empty operands: it belongs to graph_mix.
-    no_mask = torch.zeros(0, dtype=torch.bool, device=grad.device)
-    return ref.graph_propagate_grad(q_hat[:0, :0], q_hat, no_mask, grad[:0, :0], grad)[1]
-
-
 @_per_image(0, 1)
-def _reference_mix(Z: Tensor, F: Tensor, eta: Tensor, k: int,
-                   threshold: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _reference_mix(Z: Tensor, F: Tensor, k: int) -> tuple[Tensor, Tensor]:
     dt = d.compute_dtype(Z.dtype)
-    z = Z.to(dt)
-    # The reference layer's confidence rule: first maximum on ties, eta compared as given.
-    conf, y = torch.max(torch.softmax(z, dim=1), dim=1)
-    mask = (conf >= threshold) | (conf >= eta[y])
     a_hat = ref.semantic_graph(F.to(dt), k)
-    z_graph = a_hat @ z
-    m = mask.to(dt)[:, None]
-    # Official operation order: (0.8 A^Z + 0.2 Z)(1 - m) + (0.2 A^Z + 0.8 Z) m.
-    mixed = (0.8 * z_graph + 0.2 * z) * (1 - m) + (0.2 * z_graph + 0.8 * z) * m
     # The reference keeps no per-node graph state: its backward rebuilds the dense graph.
-    state = Z.new_zeros((Z.shape[0], 2), dtype=torch.float32)
-    return mixed.to(Z.dtype), y, mask, state
+    return a_hat @ Z.to(dt), Z.new_zeros((Z.shape[0], 2), dtype=torch.float32)
 
 
 @_per_image(0, 1, 2, 4)
-def _reference_mix_backward(grad: Tensor, F: Tensor, mask: Tensor, k: int,
+def _reference_mix_backward(grad: Tensor, l1: Tensor, F: Tensor, k: int,
                             state: Tensor | None) -> Tensor:
     dt = d.compute_dtype(grad.dtype)
     a_hat = ref.semantic_graph(F.to(dt), k)
-    return _z_grad(a_hat, mask, grad.to(dt)).to(grad.dtype)
+    return a_hat @ (l1.to(dt) * grad.to(dt))
 
 
-def _class_graph(logits: Tensor, y: Tensor, official_layout: bool, h: int | None,
-                 w: int | None) -> Tensor:
-    return ref.class_graph(torch.softmax(logits, dim=1), y, official_layout, h, w)
+def _class_graph(logits: Tensor, y: Tensor) -> Tensor:
+    return ref.class_graph(torch.softmax(logits, dim=1), y)
 
 
 @_per_image(0, 1, 2)
-def _reference_propagate(logits: Tensor, y: Tensor, F: Tensor, official_layout: bool,
-                         h: int | None, w: int | None) -> Tensor:
+def _reference_intended(logits: Tensor, y: Tensor, X: Tensor) -> Tensor:
+    dt = d.compute_dtype(X.dtype)
+    q_hat = _class_graph(logits.to(dt), y)
+    return (q_hat @ X.to(dt)).to(X.dtype)
+
+
+def _lowrank_intended(logits: Tensor, y: Tensor, X: Tensor) -> Tensor:
+    return ref.class_graph_lowrank(torch.softmax(logits.float(), dim=-1), y, X.float()).to(X.dtype)
+
+
+def _propagate_intended(op: str, impl: str, logits: Tensor, y: Tensor, X: Tensor) -> Tensor:
+    """Q^ X under the intended mask for ``op`` (either direction: Q^ is symmetric, dF = Q^ g).
+    Where the kernels would run, its fused form is the rank-C torch form (P2 >= 0 makes the graph
+    rank C per class: two GEMMs); the kernels stream only the official mask, which is not
+    low-rank."""
+    fused = _PATH.launcher(op, impl, X.device) is not None
+    args = (logits.contiguous(), y.contiguous(), X.contiguous())  # as a launch hands them on
+    return (_lowrank_intended if fused else _reference_intended)(*args)
+
+
+@_per_image(0, 1, 2)
+def _reference_propagate(logits: Tensor, onehot: Tensor, F: Tensor) -> Tensor:
     dt = d.compute_dtype(F.dtype)
-    q_hat = _class_graph(logits.to(dt), y, official_layout, h, w)
+    q_hat = ref.class_graph_onehot(torch.softmax(logits.to(dt), dim=1), onehot)
     return (q_hat @ F.to(dt)).to(F.dtype)
 
 
 @_per_image(0, 1, 2)
-def _reference_propagate_backward(grad: Tensor, logits: Tensor, y: Tensor,
-                                  official_layout: bool, h: int | None,
-                                  w: int | None) -> Tensor:
+def _reference_propagate_backward(grad: Tensor, logits: Tensor, onehot: Tensor) -> Tensor:
     dt = d.compute_dtype(grad.dtype)
-    q_hat = _class_graph(logits.to(dt), y, official_layout, h, w)
-    return _f_grad(q_hat, grad.to(dt)).to(grad.dtype)
+    q_hat = ref.class_graph_onehot(torch.softmax(logits.to(dt), dim=1), onehot)
+    return (q_hat @ grad.to(dt)).to(grad.dtype)
 
 
 @torch.library.custom_op("semiseg::graph_mix", mutates_args=())
 def _mix_op(Z: Tensor, F: Tensor, eta: Tensor, k: int, threshold: float,
             impl: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _PATH.launch("graph_mix", impl, Z.device, _reference_mix, Z, F, eta, k, threshold)
+    Z = Z.contiguous()  # the layout the fake promises for Z', whatever the mix below is given
+    z_graph, state = _PATH.launch("graph_mix", impl, Z.device, _reference_mix, Z, F, k)
+    z = Z.to(z_graph.dtype)
+    mask, y = ref.confidence_mask(z, eta, threshold)
+    return ref.mix(z, z_graph, mask).to(Z.dtype), y, mask, state
 
 
 @_mix_op.register_fake
@@ -146,8 +155,13 @@ def _(Z, F, eta, k, threshold, impl):
 @torch.library.custom_op("semiseg::graph_mix_backward", mutates_args=())
 def _mix_backward_op(grad: Tensor, F: Tensor, mask: Tensor, k: int, impl: str,
                      state: Tensor | None = None) -> Tensor:
-    return _PATH.launch("graph_mix_backward", impl, grad.device, _reference_mix_backward,
-                        grad, F, mask, k, state)
+    grad = grad.contiguous()  # as the launch would make it: the sum below keeps its layout
+    # the weights in the reference's dtype; their float32 copy in the kernels is bit for bit the
+    # float32 weights (0.2 and 0.8 round alike), which the kernels computed themselves before
+    l1, l2 = ref.mix_weights(mask, d.compute_dtype(grad.dtype))
+    spread = _PATH.launch("graph_mix_backward", impl, grad.device, _reference_mix_backward,
+                          grad, l1, F, k, state)
+    return (spread + l2.to(spread.dtype) * grad.to(spread.dtype)).to(grad.dtype)
 
 
 @_mix_backward_op.register_fake
@@ -174,11 +188,17 @@ def _mix_backward(ctx, grad_mixed, grad_y, grad_mask, grad_state):
 _mix_op.register_autograd(_mix_backward, setup_context=_mix_setup)
 
 
+def _official_onehot(logits: Tensor, y: Tensor, h: int, w: int) -> Tensor:
+    return ref.official_onehot(y.long(), logits.shape[-1], h, w)
+
+
 @torch.library.custom_op("semiseg::class_propagate", mutates_args=())
 def _propagate_op(logits: Tensor, y: Tensor, F: Tensor, official_layout: bool,
                   h: int | None, w: int | None, impl: str) -> Tensor:
+    if not official_layout:
+        return _propagate_intended("class_propagate", impl, logits, y, F)
     return _PATH.launch("class_propagate", impl, F.device, _reference_propagate,
-                        logits, y, F, official_layout, h, w)
+                        logits, _official_onehot(logits, y, h, w), F)
 
 
 @_propagate_op.register_fake
@@ -189,8 +209,10 @@ def _(logits, y, F, official_layout, h, w, impl):
 @torch.library.custom_op("semiseg::class_propagate_backward", mutates_args=())
 def _propagate_backward_op(grad: Tensor, logits: Tensor, y: Tensor, official_layout: bool,
                            h: int | None, w: int | None, impl: str) -> Tensor:
+    if not official_layout:
+        return _propagate_intended("class_propagate_backward", impl, logits, y, grad)
     return _PATH.launch("class_propagate_backward", impl, grad.device,
-                        _reference_propagate_backward, grad, logits, y, official_layout, h, w)
+                        _reference_propagate_backward, grad, logits, _official_onehot(logits, y, h, w))
 
 
 @_propagate_backward_op.register_fake
@@ -251,8 +273,9 @@ def _check_nodes(Z: Tensor, F: Tensor) -> None:
 
 def graph_mix(Z: Tensor, F: Tensor, eta: Tensor, k: int = 21, threshold: float = 0.95, *,
               impl: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """First half of the layer: (Z' [N, C], y int64 [N], m bool [N]) from Z [N, C], F [N, D]
-    (or [B, N, *], [B, N]: B graphs of N nodes each, all in one launch per pass).
+    """First half of the layer: (``Z'`` [N, C] in Z's dtype, ``y`` int64 [N], ``m`` bool [N]) from
+    logits ``Z`` float [N, C], features ``F`` float [N, D] (Z's dtype) and thresholds ``eta`` float
+    [C] (or [B, N, *], [B, N]: B graphs of N nodes each, all in one launch per pass).
 
     m_i = [conf_i >= threshold or conf_i >= eta_{y_i}], y = argmax softmax(Z) (first on ties),
     A^ = normalised symmetric kNN graph of F (k neighbours incl. self). Z gets the gradient
@@ -277,10 +300,11 @@ def graph_mix(Z: Tensor, F: Tensor, eta: Tensor, k: int = 21, threshold: float =
 def class_propagate(logits: Tensor, y: Tensor, F: Tensor, official_layout: bool = False,
                     h: int | None = None, w: int | None = None, *,
                     impl: str | None = None) -> Tensor:
-    """Second half of the layer: F' = Q^ F [N, D], Q^ the class graph of softmax(logits), y.
+    """Second half of the layer: ``F'`` = Q^ F [N, D] in F's dtype, Q^ the class graph of
+    softmax(logits), y.
 
-    logits [N, C'] (the output of conv_z; a constant here), y int [N] labels from
-    :func:`graph_mix` (or [B, N, *], [B, N]: B graphs). M_ij = [y_i = y_j] by default;
+    ``logits`` float [N, C'] (the output of conv_z; a constant here), ``y`` int32 or int64 [N]
+    labels from :func:`graph_mix`, ``F`` float [N, D] (or [B, N, *], [B, N]: B graphs). M_ij = [y_i = y_j] by default;
     ``official_layout=True`` (needs h, w) reproduces the official scrambled mask. F gets the
     gradient Q^ g.
     """
@@ -312,10 +336,11 @@ def graph_propagate(Z: Tensor, F: Tensor, eta: Tensor, conv_z: Conv, conv_f: Con
     """One G2Net layer on one image, as ``reference.graph_propagate`` (same arguments), or on a
     batch of images, each its own graph.
 
-    Z [N, C] logits, F [N, D] embeddings (or [B, N, C], [B, N, D]), eta [C] per-class
-    thresholds; conv_z / conv_f are callables on NCHW [B, ch, h, w] (the map is [B, ch, N, 1]
-    without h, w, which is the same for 1x1 convs), applied outside the ops so their parameters
-    train by ordinary autograd. Returns (Z'' [N, C'], F'' [N, D']) (or [B, N, *]).
+    ``Z`` float [N, C] logits, ``F`` float [N, D] embeddings in Z's dtype (or [B, N, C],
+    [B, N, D]), ``eta`` float [C] per-class thresholds; conv_z / conv_f are callables on NCHW
+    [B, ch, h, w] (the map is [B, ch, N, 1] without h, w, which is the same for 1x1 convs),
+    applied outside the ops so their parameters train by ordinary autograd. Returns (``Z''``
+    [N, C'], ``F''`` [N, D']) (or [B, N, *]) in the dtype the convs give.
     """
     _check_nodes(Z, F)
     n = Z.shape[-2]

@@ -4,6 +4,10 @@ Readable, exact, float64-capable (every function computes in the dtype it is giv
 agnostic. They may synchronise with the host (boolean indexing, Python loops over images or
 classes); the fused ops in ``semiseg_fast.ops`` are tested against them. The math of each is in
 spec/methods.md section 5; module docstrings record every choice the spec leaves open.
+
+The formulas a fused op applies around its kernel are public functions of the submodules, so
+both share one home, e.g. ``from semiseg_fast.reference.spatial_kl import image_weight`` (the
+package attribute ``spatial_kl`` is the loss function, not the submodule).
 """
 from .contrast import (
     class_bank_contrast_hc,

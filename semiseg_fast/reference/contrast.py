@@ -16,6 +16,8 @@ only. References loop over classes and use boolean indexing; they compute in the
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -82,12 +84,13 @@ def sampled_contrast(anchors: Tensor, keys_pos: Tensor, bank: Tensor, anchor_idx
                      active: Tensor | None = None) -> Tensor:
     """U2PL contrastive loss over K processed classes (spec 5a).
 
-    anchors [N, D]: pixel features (student; the only input that gets a gradient).
-    keys_pos [K, D]: prototype of each processed class. bank [R, D]: negative key rows (U2PL:
-    every class queue of a ``ClassMemoryBank`` flattened, so a row of any class can be drawn for
-    any processed class without copying the bank). anchor_idx [K, M]: sampled rows of
-    ``anchors`` (duplicates allowed, their gradients add). neg_idx [K, M, Nneg]: sampled rows of
-    ``bank`` for processed class k.
+    ``anchors`` float [N, D]: pixel features (student; the only input that gets a gradient).
+    ``keys_pos`` float [K, D] (anchors' dtype): prototype of each processed class. ``bank`` float
+    [R, D]: negative key rows (U2PL: every class queue of a ``ClassMemoryBank`` flattened, so a
+    row of any class can be drawn for any processed class without copying the bank).
+    ``anchor_idx`` int64 [K, M]: sampled rows of ``anchors`` (duplicates allowed, their gradients
+    add). ``neg_idx`` int64 [K, M, Nneg]: sampled rows of ``bank`` for processed class k.
+    ``active`` bool [K]. Returns a 0-d tensor of anchors' dtype.
     For row k: l_mn = cos(a_m, [proto, negs]_n) / temperature (torch.cosine_similarity, eps 1e-8),
     loss_k = mean_m CE(l_m, target 0). Returns sum_k active_k loss_k / num_valid, where
     ``num_valid`` (|V| in U2PL) defaults to K and ``active`` (default all True) marks rows that
@@ -113,7 +116,10 @@ def sampled_contrast_grad(anchors: Tensor, keys_pos: Tensor, bank: Tensor, ancho
                           num_valid: Number | None = None,
                           active: Tensor | None = None,
                           grad_output: Tensor | None = None) -> Tensor:
-    """Closed-form dL/d anchors [N, D] of :func:`sampled_contrast` (spec 5a).
+    """Closed-form dL/d anchors float [N, D] (anchors' dtype) of :func:`sampled_contrast`, same
+    arguments (``anchors`` float [N, D], ``keys_pos`` float [K, D], ``bank`` float [R, D],
+    ``anchor_idx`` int64 [K, M], ``neg_idx`` int64 [K, M, Nneg], ``active`` bool [K]) and the
+    upstream gradient ``grad_output`` (a 0-d tensor or number, default 1) (spec 5a).
 
     dL/da_m = (1 / (M num_valid tau)) sum_n (softmax_n - [n = 0])
               * (k_n / (|a| |k_n|) - cos(a, k_n) a / |a|^2),
@@ -182,19 +188,36 @@ def _official_cos(x: Tensor, keys: Tensor) -> Tensor:
     return (x @ keys.T) / norms
 
 
-def _other_classes(bank: Tensor, fill: Tensor, cls: int) -> Tensor:
-    """Filled entries of every class but ``cls`` (the official ``memory_bank[j != i]``)."""
+def other_classes(bank: Tensor, fill: Tensor | Sequence[int], cls: int) -> Tensor:
+    """Filled entries float [R, D] (bank's dtype) of every class but ``cls`` of ``bank`` float
+    [C, Q, D], class by class (the official ``memory_bank[j != i]``); ``fill`` int [C] or a list
+    gives each class's valid leading entries."""
     rows = [bank[j, : int(fill[j])] for j in range(bank.shape[0]) if j != cls]
     return torch.cat(rows) if rows else bank[0, :0]
+
+
+def row_cosine(a: Tensor, b: Tensor) -> Tensor:
+    """cos(a_p, b_p) float [P] of paired rows ``a``, ``b`` float [P, D] (no eps, as the official
+    ``contr_net_loss``)."""
+    return torch.sum(a * b, dim=1) / (torch.norm(a, dim=1) * torch.norm(b, dim=1))
+
+
+def official_ratio(x: Tensor, neg: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """(r, D) of the official l = -log(r + eps): r = x / D, D = x + NEG + eps, for positives
+    ``x`` = e^{s+/t} float [P, K] or [P] and negatives ``neg`` = NEG float [P, 1] or [P] (r and D
+    broadcast to x's shape). The closed-form backward of the ops starts from the same two."""
+    denom = x + neg + eps
+    return x / denom, denom
 
 
 def class_bank_contrast_hc(z: Tensor, labels: Tensor, bank: Tensor, temperature: float = 0.1,
                            eps: float = 1e-12, fill: Tensor | None = None) -> Tensor:
     """CTT high-confidence loss (``contr_self_loss``): every anchor against whole class banks.
 
-    z [N, D] anchors (unit rows in CTT; the cosine renormalises anyway), labels [N] (values
-    < 0 mark non-anchors), bank [C, Q, D] (stop-gradient), fill [C] = number of valid leading
-    entries per class (default Q: full banks). For anchor p of class c and positive k of bank c:
+    ``z`` float [N, D] anchors (unit rows in CTT; the cosine renormalises anyway), ``labels``
+    int32 or int64 [N] (values < 0 mark non-anchors), ``bank`` float [C, Q, D] (z's dtype,
+    stop-gradient), ``fill`` int [C] = number of valid leading entries per class (default Q: full
+    banks). Returns a 0-d tensor of z's dtype. For anchor p of class c and positive k of bank c:
         l_pk = -log(e^{s_pk/t} / (e^{s_pk/t} + NEG_p + eps) + eps),
         NEG_p = sum of e^{s/t} over the valid entries of the other classes.
     L = mean over counted classes of mean over (p, k). A class counts when it has at least one
@@ -210,11 +233,11 @@ def class_bank_contrast_hc(z: Tensor, labels: Tensor, bank: Tensor, temperature:
         if z_c.shape[0] == 0 or n_pos == 0:
             continue
         counted += 1
-        keys = torch.cat([bank[cls, :n_pos], _other_classes(bank, fill, cls)])
+        keys = torch.cat([bank[cls, :n_pos], other_classes(bank, fill, cls)])
         logits = torch.exp(_official_cos(z_c, keys) / temperature)
         negatives = logits[:, n_pos:].sum(dim=1, keepdim=True)
-        positives = logits[:, :n_pos]
-        loss = -torch.log(positives / (positives + negatives + eps) + eps)
+        ratio, _ = official_ratio(logits[:, :n_pos], negatives, eps)
+        loss = -torch.log(ratio + eps)
         total = total + loss.sum() / (n_pos * z_c.shape[0])
     return total / counted if counted else total
 
@@ -224,10 +247,12 @@ def class_bank_contrast_lc(z: Tensor, labels: Tensor, positive: Tensor, bank: Te
                            detach_positive: bool = True, fill: Tensor | None = None) -> Tensor:
     """CTT low-confidence loss (``contr_net_loss``): one explicit positive per anchor.
 
-    z [N, D] anchors, labels [N] (values < 0 mark non-anchors), positive [N, D] (the peer
-    network's feature at the same pixel, stop-gradient unless ``detach_positive`` is False),
-    bank [C, 2Q, D] = both networks' banks concatenated per class, fill [C] = valid leading
-    entries per class (default all; a caller with two partly filled banks compacts them first).
+    ``z`` float [N, D] anchors, ``labels`` int32 or int64 [N] (values < 0 mark non-anchors),
+    ``positive`` float [N, D] (the peer network's feature at the same pixel, stop-gradient unless
+    ``detach_positive`` is False), ``bank`` float [C, 2Q, D] = both networks' banks concatenated
+    per class (all of z's dtype), ``fill`` int [C] = valid leading entries per class (default
+    all; a caller with two partly filled banks compacts them first). Returns a 0-d tensor of z's
+    dtype.
         l_p = -log(e^{s+/t} / (e^{s+/t} + NEG_p + eps) + eps), s+ = cos(z_p, positive_p),
         NEG_p = sum of e^{s/t} over the valid entries of the classes other than label_p.
     L = mean over classes with at least one anchor of mean over their anchors; none gives 0.
@@ -247,11 +272,10 @@ def class_bank_contrast_lc(z: Tensor, labels: Tensor, positive: Tensor, bank: Te
             continue
         counted += 1
         p_c = positive[chosen]
-        negatives = torch.exp(_official_cos(z_c, _other_classes(bank, fill, cls)) / temperature)
+        negatives = torch.exp(_official_cos(z_c, other_classes(bank, fill, cls)) / temperature)
         negatives = negatives.sum(dim=1)
-        s_pos = torch.sum(z_c * p_c, dim=1) / (torch.norm(z_c, dim=1) * torch.norm(p_c, dim=1))
-        pos = torch.exp(s_pos / temperature)
-        loss = -torch.log(pos / (pos + negatives + eps) + eps)
+        ratio, _ = official_ratio(torch.exp(row_cosine(z_c, p_c) / temperature), negatives, eps)
+        loss = -torch.log(ratio + eps)
         total = total + loss.sum() / z_c.shape[0]
     return total / counted if counted else total
 
@@ -259,6 +283,9 @@ def class_bank_contrast_lc(z: Tensor, labels: Tensor, positive: Tensor, bank: Te
 __all__ = [
     "class_bank_contrast_hc",
     "class_bank_contrast_lc",
+    "official_ratio",
+    "other_classes",
+    "row_cosine",
     "sampled_contrast",
     "sampled_contrast_grad",
 ]

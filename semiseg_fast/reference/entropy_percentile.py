@@ -48,7 +48,10 @@ QLike = float | int | Sequence[float] | Tensor
 
 
 def entropy(logits: Tensor) -> Tensor:
-    """-sum_c p_c log(p_c + 1e-10) of the channel softmax: [B, C, H, W] -> [B, H, W]."""
+    """-sum_c p_c log(p_c + 1e-10) of the channel softmax (the official formula).
+
+    ``logits`` float [B, C, H, W] (any trailing dims [B, C, ...]) -> [B, H, W] in its dtype.
+    """
     if logits.dim() < 2 or not logits.is_floating_point():
         raise ValueError(
             f"logits: expected a floating tensor [B, C, ...], got {logits.dtype} "
@@ -80,8 +83,9 @@ def _as_percentages(q: QLike) -> tuple[list[float], bool]:
 def percentile(values: Tensor, q: QLike, valid: Tensor | None = None) -> Tensor:
     """numpy-exact linear percentile(s) of ``values`` over the elements where ``valid`` is True.
 
-    q: a number (result 0-d) or a 1-d sequence/tensor (result [len(q)]), in [0, 100].
-    The result has the dtype and device of ``values``.
+    ``values`` float of any shape [...], ``valid`` bool of the same shape; ``q`` a number (result
+    0-d, []) or a 1-d sequence or tensor (result [len(q)]), in [0, 100]. The result has the dtype
+    and device of ``values``.
     """
     if not isinstance(values, Tensor) or not values.is_floating_point():
         raise ValueError("values: expected a floating-point tensor")
@@ -129,9 +133,10 @@ def percentile(values: Tensor, q: QLike, valid: Tensor | None = None) -> Tensor:
 
 
 def class_rank(prob: Tensor) -> Tensor:
-    """Rank of every class in a descending order over dim 1 (0 = most probable), int64.
+    """Rank of every class in a descending order over dim 1 (0 = most probable).
 
-    Ties: stable descending sort, i.e. the lower class index ranks first among equals.
+    ``prob`` float [B, C, ...] -> int64 [B, C, ...]. Ties: stable descending sort, i.e. the lower
+    class index ranks first among equals.
     """
     if prob.dim() < 2:
         raise ValueError(f"prob: expected [B, C, ...], got shape {tuple(prob.shape)}")
@@ -143,7 +148,7 @@ def class_rank(prob: Tensor) -> Tensor:
 
 
 def rank_mask(prob: Tensor, low_rank: int = 3, high_rank: int = 20) -> tuple[Tensor, Tensor]:
-    """U2PL negative-class masks from prob [B, C, h, w].
+    """U2PL negative-class masks from ``prob`` float [B, C, h, w].
 
     Returns (unlabeled, labeled), each bool [B, C, h, w]:
     unlabeled = low_rank <= rank(c) < high_rank, labeled = rank(c) < low_rank.
@@ -162,7 +167,7 @@ TEACHER_STATS = ("entropy", "max_prob", "argmax", "prob", "unlabeled", "labeled"
 def teacher_stats(logits: Tensor, size: Sequence[int] | None = None, first_image: int = 0,
                   low_rank: int = 3, high_rank: int = 20,
                   outputs: Sequence[str] = TEACHER_STATS) -> dict[str, Tensor]:
-    """U2PL's statistics of teacher logits [B, C, h, w], all computed in the dtype of ``logits``.
+    """U2PL's statistics of teacher ``logits`` float [B, C, h, w], computed in the dtype of ``logits``.
 
     At the output grid ``size`` = (H, W) (default: the logits' grid), for images
     ``first_image`` .. B - 1 of the up-sampled logits: "entropy", "max_prob" (float), "argmax"

@@ -52,7 +52,8 @@ def _sym_normalise(adj: Tensor) -> Tensor:
 
 
 def semantic_graph(F: Tensor, k: int = 21) -> Tensor:
-    """Normalised symmetric kNN graph A^ [N, N] of node features F [N, D] (no gradient)."""
+    """Normalised symmetric kNN graph ``A^`` float [N, N] (F's dtype, no gradient) of node
+    features ``F`` float [N, D]."""
     if F.dim() != 2 or not F.is_floating_point():
         raise ValueError(f"F: expected floating [N, D], got {F.dtype} {tuple(F.shape)}")
     n = F.shape[0]
@@ -66,8 +67,9 @@ def semantic_graph(F: Tensor, k: int = 21) -> Tensor:
 
 
 def official_onehot(y: Tensor, num_classes: int, h: int, w: int) -> Tensor:
-    """The official code's scrambled one-hot OH' [N, C] (permute [h, w, C] -> [w, C, h]) of labels
-    y [N], or [..., N, C] of y [..., N], image by image."""
+    """The official code's scrambled one-hot ``OH'`` int64 [N, C] (permute [h, w, C] -> [w, C, h])
+    of labels ``y`` int64 [N] (N = h w), or int64 [..., N, C] of ``y`` int64 [..., N], image by
+    image."""
     onehot = nnf.one_hot(y.reshape(-1, h, w), num_classes)
     return onehot.permute(0, 2, 3, 1).reshape(*y.shape[:-1], h * w, num_classes)
 
@@ -83,7 +85,8 @@ def _check_layout(n: int, official_layout: bool, h: int | None, w: int | None) -
 
 def class_graph(P2: Tensor, y: Tensor, official_layout: bool = False, h: int | None = None,
                 w: int | None = None) -> Tensor:
-    """Normalised class graph Q^ [N, N] from probabilities P2 [N, C] and labels y [N]."""
+    """Normalised class graph ``Q^`` float [N, N] (P2's dtype, no gradient) from probabilities
+    ``P2`` float [N, C] and labels ``y`` int32 or int64 [N]."""
     if P2.dim() != 2 or not P2.is_floating_point():
         raise ValueError(f"P2: expected floating [N, C], got {P2.dtype} {tuple(P2.shape)}")
     n, c = P2.shape
@@ -92,17 +95,31 @@ def class_graph(P2: Tensor, y: Tensor, official_layout: bool = False, h: int | N
                          f"{tuple(y.shape)} on {y.device}")
     _check_layout(n, official_layout, h, w)
     with torch.no_grad():
-        q = _clamped_gram(_unit_rows(P2.detach()))
         if official_layout:
-            oh = official_onehot(y.long(), c, h, w).to(P2.dtype)
-            q = torch.where(_clamped_gram(_unit_rows(oh)) == 0, torch.zeros_like(q), q)
-        else:
-            q = torch.where(y[:, None] == y[None, :], q, torch.zeros_like(q))
+            return class_graph_onehot(P2, official_onehot(y.long(), c, h, w))
+        q = _clamped_gram(_unit_rows(P2.detach()))
+        q = torch.where(y[:, None] == y[None, :], q, torch.zeros_like(q))
+        return _sym_normalise(q)
+
+
+def class_graph_onehot(P2: Tensor, onehot: Tensor) -> Tensor:
+    """``Q^`` float [N, N] (P2's dtype, no gradient) of probabilities ``P2`` float [N, C] under the
+    mask M_ij = [cos(OH_i, OH_j) != 0] of 0/1 rows ``onehot`` (any dtype) [N, C'].
+
+    The official layout's graph with ``onehot`` = :func:`official_onehot`; the fused ops build the
+    one-hot once for a whole batch and hand it to the reference and the kernel alike.
+    """
+    with torch.no_grad():
+        q = _clamped_gram(_unit_rows(P2.detach()))
+        oh = onehot.to(P2.dtype)
+        q = torch.where(_clamped_gram(_unit_rows(oh)) == 0, torch.zeros_like(q), q)
         return _sym_normalise(q)
 
 
 def class_graph_lowrank(P2: Tensor, y: Tensor, X: Tensor) -> Tensor:
-    """Q^ X for the intended (label-equality) mask in O(N C^2 D), without any N x N matrix.
+    """``Q^ X`` float [N, D] (X's dtype) for the intended (label-equality) mask, from
+    probabilities ``P2`` float [N, C], labels ``y`` int32 or int64 [N] and ``X`` float [N, D], in
+    O(N C^2 D) without any N x N matrix.
 
     P2 >= 0 makes the clamp inactive, so Q is block-diagonal with rank-C blocks:
     (Q^ X)_i = e_i P2^_i . sum_{j: y_j = y_i} P2^_j (e_j X_j)^T,
@@ -127,10 +144,27 @@ def class_graph_lowrank(P2: Tensor, y: Tensor, X: Tensor) -> Tensor:
     return e * (weights.to(X.dtype) @ blocks)
 
 
-def _confidence_mask(Z: Tensor, eta: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
-    """m_i = [conf_i >= threshold or conf_i >= eta_{y_i}] and y (first maximum on ties)."""
-    conf, y = torch.max(torch.softmax(Z, dim=1), dim=1)
+def confidence_mask(Z: Tensor, eta: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
+    """``m`` bool [..., N] = [conf_i >= threshold or conf_i >= eta_{y_i}] and ``y`` int64 [..., N]
+    (argmax of softmax(Z), first maximum on ties) of logits ``Z`` float [..., N, C] and per-class
+    thresholds ``eta`` float [C] (compared as given)."""
+    conf, y = torch.max(torch.softmax(Z, dim=-1), dim=-1)
     return (conf >= threshold) | (conf >= eta[y]), y
+
+
+def mix(z: Tensor, z_graph: Tensor, mask: Tensor) -> Tensor:
+    """Z' float [..., N, C] = m (0.2 A^Z + 0.8 Z) + (1 - m)(0.8 A^Z + 0.2 Z) of ``z`` float
+    [..., N, C], ``z_graph`` = A^ Z (z's dtype) [..., N, C] and ``mask`` bool [..., N], in the
+    official operation order (one rounding sequence for the reference and the fused op)."""
+    m = mask.to(z.dtype)[..., None]
+    return (0.8 * z_graph + 0.2 * z) * (1 - m) + (0.2 * z_graph + 0.8 * z) * m
+
+
+def mix_weights(mask: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The weights of :func:`mix` as Z' = l1 A^Z + l2 Z: ``l1``, ``l2`` ``dtype`` [..., N, 1] of
+    ``mask`` bool [..., N], l1 = 0.2 m + 0.8 (1 - m), l2 = 0.8 m + 0.2 (1 - m); the backward's."""
+    m = mask.to(dtype)[..., None]
+    return 0.2 * m + 0.8 * (1 - m), 0.8 * m + 0.2 * (1 - m)
 
 
 def _pointwise(conv: Conv, x: Tensor, h: int, w: int) -> Tensor:
@@ -142,11 +176,12 @@ def _pointwise(conv: Conv, x: Tensor, h: int, w: int) -> Tensor:
 def graph_propagate(Z: Tensor, F: Tensor, eta: Tensor, conv_z: Conv, conv_f: Conv, k: int = 21,
                     official_layout: bool = False, h: int | None = None,
                     w: int | None = None, threshold: float = 0.95) -> tuple[Tensor, Tensor]:
-    """One G2Net layer on one image: Z [N, C] logits, F [N, D] embeddings, eta [C] thresholds.
+    """One G2Net layer on one image: ``Z`` float [N, C] logits, ``F`` float [N, D] embeddings (Z's
+    dtype), ``eta`` float [C] thresholds.
 
     conv_z / conv_f are callables on NCHW tensors [1, ch, h, w] (e.g. the official nn.Sequential
     of 1x1 convs); without h, w the map is passed as [1, ch, N, 1], which is the same for 1x1
-    convs. Returns (Z'', F'') as [N, C'] and [N, D'].
+    convs. Returns (``Z''`` [N, C'], ``F''`` [N, D']) in the dtype the convs give.
     """
     if Z.dim() != 2 or F.dim() != 2 or Z.shape[0] != F.shape[0]:
         raise ValueError(
@@ -161,13 +196,9 @@ def graph_propagate(Z: Tensor, F: Tensor, eta: Tensor, conv_z: Conv, conv_f: Con
     hh, ww = (n, 1) if h is None else (h, w)
 
     with torch.no_grad():
-        mask, y = _confidence_mask(Z.detach(), eta, threshold)
-        m = mask.to(Z.dtype)[:, None]
+        mask, y = confidence_mask(Z.detach(), eta, threshold)
         a_hat = semantic_graph(F, k)
-    z_graph = a_hat @ Z
-    # Official operation order: (0.8 A^Z + 0.2 Z)(1 - m) + (0.2 A^Z + 0.8 Z) m.
-    z_mixed = (0.8 * z_graph + 0.2 * Z) * (1 - m) + (0.2 * z_graph + 0.8 * Z) * m
-    z_out = _pointwise(conv_z, z_mixed, hh, ww)
+    z_out = _pointwise(conv_z, mix(Z, a_hat @ Z, mask), hh, ww)
 
     with torch.no_grad():
         q_hat = class_graph(torch.softmax(z_out.detach(), dim=1), y, official_layout, h, w)
@@ -188,8 +219,9 @@ def official_dense_layer(Z: Tensor, F: Tensor, eta: Tensor, conv_z: Conv, conv_f
     the benchmarks compare with: a full descending sort of the N x N similarity (values and int64
     indices) for theta, both graphs normalised by two dense ``diag_embed`` products (four N^3
     GEMMs per layer), the official mask as a dense N x N x C product of the one-hot rows, no
-    mirrored Gram. Same arguments, the same math up to rounding (tested against it in float64);
-    memory and time grow as N^2 and N^3.
+    mirrored Gram. Same arguments (``Z`` float [N, C], ``F`` float [N, D], ``eta`` float [C]) and
+    outputs (``Z''`` [N, C'], ``F''`` [N, D']), the same math up to rounding (tested against it in
+    float64); memory and time grow as N^2 and N^3.
     """
     n, c = Z.shape
     if not 1 <= k <= n:
@@ -197,17 +229,14 @@ def official_dense_layer(Z: Tensor, F: Tensor, eta: Tensor, conv_z: Conv, conv_f
     _check_layout(n, official_layout, h, w)
     hh, ww = (n, 1) if h is None else (h, w)
     with torch.no_grad():
-        mask, y = _confidence_mask(Z.detach(), eta, threshold)
-        m = mask.to(Z.dtype)[:, None]
+        mask, y = confidence_mask(Z.detach(), eta, threshold)
         unit = _unit_rows(F.detach())
         sim = unit @ unit.T
         sim = torch.where(sim < 0, torch.zeros_like(sim), sim)
         ranked, _ = torch.sort(sim, dim=1, descending=True)  # the official code keeps the indices
         kept = torch.where(sim >= ranked[:, k - 1 : k], sim, torch.zeros_like(sim))
         a_hat = _official_normalise(kept + kept.T)
-    z_graph = a_hat @ Z
-    z_mixed = (0.8 * z_graph + 0.2 * Z) * (1 - m) + (0.2 * z_graph + 0.8 * Z) * m
-    z_out = _pointwise(conv_z, z_mixed, hh, ww)
+    z_out = _pointwise(conv_z, mix(Z, a_hat @ Z, mask), hh, ww)
     with torch.no_grad():
         p2 = _unit_rows(torch.softmax(z_out.detach(), dim=1))
         q = p2 @ p2.T
@@ -223,22 +252,25 @@ def official_dense_layer(Z: Tensor, F: Tensor, eta: Tensor, conv_z: Conv, conv_f
 
 def graph_propagate_grad(a_hat: Tensor, q_hat: Tensor, mask: Tensor, grad_z_mixed: Tensor,
                          grad_f_graph: Tensor) -> tuple[Tensor, Tensor]:
-    """Closed-form input gradients of the layer (spec 5b), given the graphs and the gradients
-    g at Z' (before conv_z) and at F' (before conv_f):
-    dZ = A^ (l1 g) + l2 g with l1 = 0.2 m + 0.8 (1 - m), l2 = 0.8 m + 0.2 (1 - m); dF = Q^ g.
-    Both graphs are symmetric, so no transpose is needed.
+    """Closed-form input gradients of the layer (spec 5b), given the graphs ``a_hat`` float [N, N]
+    and ``q_hat`` float [N, N], the confidence ``mask`` bool [N] and the gradients
+    ``grad_z_mixed`` float [N, C] at Z' (before conv_z) and ``grad_f_graph`` float [N, D] at F'
+    (before conv_f): (dZ [N, C], dF [N, D]) with dZ = A^ (l1 g) + l2 g (l1, l2 of
+    :func:`mix_weights`) and dF = Q^ g. Both graphs are symmetric, so no transpose is needed.
     """
-    m = mask.to(grad_z_mixed.dtype)[:, None]
-    l1 = 0.2 * m + 0.8 * (1 - m)
-    l2 = 0.8 * m + 0.2 * (1 - m)
+    l1, l2 = mix_weights(mask, grad_z_mixed.dtype)
     return a_hat @ (l1 * grad_z_mixed) + l2 * grad_z_mixed, q_hat @ grad_f_graph
 
 
 __all__ = [
     "class_graph",
     "class_graph_lowrank",
+    "class_graph_onehot",
+    "confidence_mask",
     "graph_propagate",
     "graph_propagate_grad",
+    "mix",
+    "mix_weights",
     "official_dense_layer",
     "official_onehot",
     "semantic_graph",
