@@ -259,3 +259,14 @@ def test_bad_values_are_usage_errors(tmp_path, capsys, flags, needle):
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert needle in err[-1] and "Traceback" not in "\n".join(err)
+
+
+@pytest.mark.parametrize("content", [None, b"", b"junk", "foreign"])
+def test_bad_pretrained_files_name_the_argument(tmp_path, capsys, content):
+    path = tmp_path / "weights.pt"
+    if content == "foreign":
+        torch.save({"conv1.weight": torch.zeros(3)}, path)
+    elif content is not None:
+        path.write_bytes(content)
+    assert main(argv(tmp_path, "--method", "supervised", "--pretrained", str(path))) == 2
+    assert str(path) in one_line_error(capsys, "--pretrained: ")

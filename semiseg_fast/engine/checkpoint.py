@@ -22,10 +22,13 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise CheckpointError(f"{path}: the checkpoint is empty (0 bytes)")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:  # weights_only refused a global: a class or a callable
-        why = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: refused to load, the file holds Python objects that could run code "
-                              f"({why[:200]})") from e
+    except pickle.UnpicklingError as e:
+        # weights_only refuses every global (a class, a callable) by name; other refusals are damage
+        named = [line.strip() for line in str(e).splitlines() if "global" in line.lower()]
+        if named:
+            raise CheckpointError(f"{path}: refused to load, the file holds Python objects that could run code "
+                                  f"({named[-1][:200]})") from e
+        raise CheckpointError(f"{path}: truncated or not a checkpoint (unreadable pickle data)") from e
     except Exception as e:  # truncated zip, foreign format, bad record
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: truncated or not a checkpoint ({first[:200]})") from e

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..collectives import DistEnv
+from ..errors import ConfigError
 from ..models import build_model
 from .options import Options
 
@@ -70,7 +71,14 @@ class Method(nn.Module):
             pretrained=self.cfg.pretrained,
         )
         kwargs.update(overrides)
-        return build_model(**kwargs)
+        try:
+            return build_model(**kwargs)
+        except (FileNotFoundError, ValueError) as e:
+            if not self.cfg.pretrained:
+                raise
+            lines = str(e).strip().splitlines()  # one line: the cause; the key listing behind --debug
+            more = " (the keys: run with --debug)" if len(lines) > 1 else ""
+            raise ConfigError(f"--pretrained: {lines[0]}{more}") from e
 
     @staticmethod
     def make_teacher(student: nn.Module) -> nn.Module:

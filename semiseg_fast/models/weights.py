@@ -67,7 +67,12 @@ def load_backbone_weights(backbone: ResNet, path: str | os.PathLike, strict: boo
     if not path.is_file():
         raise FileNotFoundError(f"backbone weights file not found: {str(path)!r} "
                                 "(weights are only read from local files, never downloaded)")
-    raw = _unwrap(torch.load(path, map_location="cpu", weights_only=True), path)
+    try:
+        loaded_file = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a torch file, or holding objects weights_only refuses
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(f"{str(path)!r} is not a readable weights file ({type(e).__name__}: {first[:200]})") from e
+    raw = _unwrap(loaded_file, path)
 
     state: dict[str, torch.Tensor] = {}
     for key, value in raw.items():

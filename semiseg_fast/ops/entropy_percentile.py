@@ -217,6 +217,8 @@ def _check_logits(logits: Tensor) -> None:
     d.check_float("logits", logits, "[B, C, H, W]", 4)
     if logits.shape[1] < 1:
         raise ValueError(f"logits: expected at least one class, got {tuple(logits.shape)}")
+    if logits.shape[2] < 1 or logits.shape[3] < 1:  # nothing to read or up-sample from
+        raise ValueError(f"logits: expected a grid of at least 1 x 1, got {tuple(logits.shape)}")
 
 
 def _check_size(size: object, logits: Tensor) -> tuple[int, int]:
