@@ -1,4 +1,5 @@
-"""Benchmarks and profilers; nothing in the package imports this folder."""
+"""Benchmarks and profilers; nothing in the package imports this folder. ``harness`` holds what
+the benchmarks share: timing, the results CSV and the environment stamp."""
 import os
 
 import torch

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import dataclasses
 import importlib
 import inspect
@@ -56,7 +55,9 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the JIT's default; set
 
 import torch  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# the harness imports no triton: the environment set above still decides how it loads
+from .harness import RESULTS, read_rows, stamp, write_rows
+
 KERNEL_MODULES = ("spatial_kl", "entropy_percentile", "contrast", "graph")
 TARGETS = {"sm90": 90, "sm80": 80}
 # the most dynamic shared memory one block may take (CUDA programming guide, compute capabilities)
@@ -396,9 +397,7 @@ def sweep(selected: list[Case], targets: list[str], kernels: set[str] | None = N
     todo = [(launch, names, dtype) for launch, names, dtype in launches.values()
             if kernels is None or launch.kernel in kernels]
     echo(f"{len(todo)} distinct launches in {time.perf_counter() - t0:.0f} s; compiling for {', '.join(targets)}")
-    from .bench_ops import _environment  # date, commit, torch, triton: the benchmarks' stamp
-
-    stamp = _environment()
+    env = stamp()
     work = [(launch, TARGETS[t]) for t in targets for launch, _, _ in todo]
     cases_of = {id(launch): (names, dtype) for launch, names, dtype in todo}
     if jobs > 1:
@@ -414,7 +413,7 @@ def sweep(selected: list[Case], targets: list[str], kernels: set[str] | None = N
         ok = result["compiled_ok"]
         row = {"kernel": launch.kernel, "config": _config(launch), "dtype": dtype, "num_warps": launch.num_warps,
                "num_stages": launch.num_stages, "shared_limit": SHARED_LIMIT[capability],
-               "cases": "; ".join(names), "target": f"sm_{capability}", "spill_budget": budget, **stamp, **result}
+               "cases": "; ".join(names), "target": f"sm_{capability}", "spill_budget": budget, **env, **result}
         row["within_budget"] = (ok and row.get("spill_bytes", "") != "" and int(row["spill_bytes"]) <= budget
                                 and int(row["shared_bytes"]) <= SHARED_LIMIT[capability])
         out[target].append(row)
@@ -429,18 +428,10 @@ def write(rows: list[dict], path: Path) -> None:
     """Write ``rows`` to ``path`` (atomically). Rows already there for another Triton version or
     another kernel are kept: one table holds the GPU image's Triton and this machine's side by
     side, and a ``--kernel`` run replaces only that kernel's rows."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     replaced = {(r["triton"], r["kernel"]) for r in rows}
     if path.exists():
-        with path.open(newline="") as fh:
-            rows = [r for r in csv.DictReader(fh) if (r.get("triton"), r.get("kernel")) not in replaced] + rows
-    rows = sorted(rows, key=lambda r: (r["kernel"], r["config"], r["dtype"], r["triton"]))
-    tmp = path.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+        rows = [r for r in read_rows(path) if (r.get("triton"), r.get("kernel")) not in replaced] + rows
+    write_rows(path, FIELDS, sorted(rows, key=lambda r: (r["kernel"], r["config"], r["dtype"], r["triton"])))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,13 +37,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
-import datetime
 import functools
-import statistics
-import subprocess
-import time
-import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -52,13 +46,19 @@ import torch
 from semiseg_fast import ops
 from semiseg_fast import reference as ref
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from .harness import (
+    append_rows,
+    device_label,  # noqa: F401  (profiling/tune.py takes it from here)
+    peak_memory,
+    results_path,
+    stamp,
+    time_op,
+)
+
+# profiling/tune.py reaches the stamp and the op timer through this module, under these names
+_environment, _timer = stamp, time_op
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-FIELDS = ["date", "commit", "device", "torch", "triton", "op", "case", "dtype", "provider", "mode",
-          "ms_median", "ms_p20", "ms_p80", "peak_mb", "floor_mb", "gb_s", "copy_gb_s", "pct_of_copy",
-          "gflop", "tflop_s", "matmul_tflop_s", "pct_of_matmul",
-          # whole-step rows (profiling/bench_steps.py)
-          "images_s", "host_syncs", "graph_breaks", "note"]
 
 
 # The compiled-reference providers of the entropy and contrast ops join the CUDA runs only: inductor
@@ -88,29 +88,13 @@ def _with_compiled(device: torch.device, everywhere: bool = False) -> bool:
     return not _SKIP_COMPILED and (everywhere or device.type == "cuda" or COMPILED_ON_CPU)
 
 
-def _timer(fn: Callable[[], object], device: torch.device) -> tuple[float, float, float]:
-    if device.type == "cuda":
-        import triton.testing
-
-        med, p20, p80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], warmup=25, rep=100)
-        return med, p20, p80
-    fn()
-    times = []
-    for _ in range(5):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    times.sort()
-    return statistics.median(times), times[1], times[-2]
-
-
 def copy_bandwidth(device: torch.device, mb: int = 1024) -> float:
     """GB/s of a device-to-device copy (read + write counted), the practical ceiling."""
     if device.type != "cuda":
         mb = 64
     src = torch.empty(mb * 2**20 // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
-    med, _, _ = _timer(lambda: dst.copy_(src), device)
+    med, _, _ = time_op(lambda: dst.copy_(src), device)
     return 2 * src.numel() * 4 / (med * 1e-3) / 1e9
 
 
@@ -123,7 +107,7 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, tf32: bool = False) ->
     prev = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = tf32
     try:
-        med, _, _ = _timer(lambda: a @ b, device)
+        med, _, _ = time_op(lambda: a @ b, device)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = prev
     return 2 * n**3 / (med * 1e-3) / 1e12
@@ -216,7 +200,6 @@ def entropy_percentile_bench(shape, dtype, device):
     ``torch.sort``, no host sync) and ``fused_cuda`` (the C++ radix select of
     csrc/radix_select.cu; absent where it cannot be built).
     Floor: the logits read once plus the entropy map written once (what the op must return)."""
-    import contextlib
     import importlib
 
     import numpy as np
@@ -516,65 +499,13 @@ def _loss_modes(provider: Callable, q: torch.Tensor):
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd_bwd}
 
 
-class SyncCount:
-    """Host synchronisations counted by :func:`counting_host_syncs` (``None`` off CUDA)."""
-    value: int | None = None
-
-
-@contextlib.contextmanager
-def counting_host_syncs(device: torch.device) -> Iterator[SyncCount]:
-    """Count the CUDA host synchronisations inside the block: with ``set_sync_debug_mode("warn")``
-    every synchronising call warns, and the warnings are recorded, not printed. Off CUDA there is
-    nothing to count and the count stays None."""
-    count = SyncCount()
-    if device.type != "cuda":
-        yield count
-        return
-    torch.cuda.synchronize(device)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            yield count
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    count.value = sum("synchroniz" in str(w.message) for w in caught)
-
-
-def device_label(device: torch.device) -> str:
-    """The device's name as the CSV rows and the results file name carry it."""
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-
-
-def results_path(device: torch.device) -> Path:
-    """``profiling/results/<device>.csv``, where every benchmark of this suite appends its rows."""
-    return RESULTS / f"{device_label(device).replace(' ', '_')}.csv"
-
-
-def _environment() -> dict[str, str]:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, check=False).stdout.strip() or "unknown"
-    except OSError:
-        commit = "unknown"
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = "none"
-    return {"date": datetime.date.today().isoformat(), "commit": commit, "torch": torch.__version__,
-            "triton": triton_version}
-
-
 def run(op_names, dtype_names, smoke: bool, device: torch.device, out: Path | None, echo=print, *,
         first_case_only: bool = False, providers: set[str] | None = None) -> list[dict]:
     """Benchmark rows of ``op_names`` x their cases x ``dtype_names``; ``first_case_only`` keeps each
     op's first case (the method's default shape), ``providers`` a subset of the providers."""
-    env = _environment()
-    device_name = device_label(device)
+    env = stamp(device)
     copy = copy_bandwidth(device)
-    echo(f"device {device_name}, copy bandwidth {copy:.0f} GB/s, torch {env['torch']}, triton {env['triton']}")
+    echo(f"device {env['device']}, copy bandwidth {copy:.0f} GB/s, torch {env['torch']}, triton {env['triton']}")
     rows, rates = [], {}
     for op in op_names:
         cases, build = OPS[op]
@@ -585,18 +516,15 @@ def run(op_names, dtype_names, smoke: bool, device: torch.device, out: Path | No
                     if providers is not None and provider not in providers:
                         continue
                     if isinstance(modes, str):  # a provider this case cannot run: recorded with the reason
-                        rows += [{**env, "device": device_name, "op": op, "case": case, "dtype": dtype_name,
+                        rows += [{**env, "op": op, "case": case, "dtype": dtype_name,
                                   "provider": provider, "mode": mode, "note": modes} for mode in floors]
                         echo(f"{op:<11} {case:<8} {dtype_name:<5} {provider:<9} {modes}")
                         continue
                     for mode, closure in modes.items():
-                        if device.type == "cuda":
-                            torch.cuda.synchronize()
-                            torch.cuda.reset_peak_memory_stats(device)
-                            base = torch.cuda.memory_allocated(device)
-                        med, p20, p80 = _timer(closure, device)
-                        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if device.type == "cuda" else 0.0
-                        row = {**env, "device": device_name, "op": op, "case": case, "dtype": dtype_name,
+                        with peak_memory(device) as measured:
+                            med, p20, p80 = time_op(closure, device)
+                        peak = measured.mb or 0.0
+                        row = {**env, "op": op, "case": case, "dtype": dtype_name,
                                "provider": provider, "mode": mode, "ms_median": f"{med:.4f}", "ms_p20": f"{p20:.4f}",
                                "ms_p80": f"{p80:.4f}", "peak_mb": f"{peak:.1f}", "copy_gb_s": f"{copy:.4g}"}
                         floor = floors[mode]
@@ -624,23 +552,6 @@ def run(op_names, dtype_names, smoke: bool, device: torch.device, out: Path | No
         append_rows(out, rows)
         echo(f"appended {len(rows)} rows to {out}")
     return rows
-
-
-def append_rows(out: Path, rows: list[dict]) -> None:
-    """Append result rows to a CSV of FIELDS columns (header written for a new file)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists():
-        with out.open(newline="") as f:
-            header = next(csv.reader(f), None)
-        if header is not None and header != FIELDS:
-            raise ValueError(f"out: {out} has the columns {header}, not this version's {FIELDS}; "
-                             f"move it aside or write to another file")
-    new = not out.exists() or out.stat().st_size == 0
-    with out.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
 
 
 def main(argv: list[str] | None = None) -> int:

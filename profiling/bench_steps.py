@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -42,12 +40,14 @@ from semiseg_fast.engine.trainer import Trainer
 from semiseg_fast.methods import METHODS
 from semiseg_fast.methods.bank import ClassMemoryBank
 
-from .bench_ops import (
-    _environment,
+from .harness import (
     append_rows,
     counting_host_syncs,
-    device_label,
+    peak_memory,
+    quantiles,
     results_path,
+    stamp,
+    time_calls,
 )
 
 PROVIDERS = ("fused", "reference")
@@ -111,25 +111,11 @@ def images_per_step(trainer: Trainer) -> int:
 
 
 def time_steps(trainer: Trainer, steps: int) -> tuple[list[float], int | None]:
-    """Per-step milliseconds, and the host synchronisations of one more step (None off CUDA),
-    counted apart from the timed ones: every counted sync raises a recorded Python warning, host
-    time that would slow the sync-heavy reference steps most."""
-    cuda = trainer.device.type == "cuda"
-    times = []
-    for _ in range(steps):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            trainer.train_step()
-            end.record()
-            times.append((start, end))
-        else:
-            t0 = time.perf_counter()
-            trainer.train_step()
-            times.append((time.perf_counter() - t0) * 1e3)
-    if cuda:
-        torch.cuda.synchronize()
-        times = [s.elapsed_time(e) for s, e in times]
+    """Per-step milliseconds (CUDA events, the steps queued back to back as in training), and the
+    host synchronisations of one more step (None off CUDA), counted apart from the timed ones:
+    every counted sync raises a recorded Python warning, host time that would slow the sync-heavy
+    reference steps most."""
+    times = time_calls(trainer.train_step, steps, trainer.device)
     with counting_host_syncs(trainer.device) as syncs:
         trainer.train_step()
     return times, syncs.value
@@ -150,13 +136,6 @@ def graph_breaks(trainer: Trainer) -> int:
     return explained.graph_break_count
 
 
-def _quantiles(ms: list[float]) -> tuple[float, float, float]:
-    if len(ms) == 1:
-        return ms[0], ms[0], ms[0]
-    q = statistics.quantiles(ms, n=10, method="inclusive")
-    return statistics.median(ms), q[1], q[7]
-
-
 def bench_method(method: str, provider: str, size: StepSize, device: torch.device, steps: int, warmup: int,
                  compile_mode: str, smoke: bool, count_breaks: bool) -> dict:
     with tempfile.TemporaryDirectory() as out, ops.use_impl(provider_mode(provider, device)):
@@ -165,17 +144,13 @@ def bench_method(method: str, provider: str, size: StepSize, device: torch.devic
         fill_banks(trainer.method, torch.Generator(device=trainer.device).manual_seed(0))
         for _ in range(warmup):
             trainer.train_step()
-        cuda = device.type == "cuda"
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats(device)
-            base = torch.cuda.memory_allocated(device)
-        ms, syncs = time_steps(trainer, steps)
-        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if cuda else None
+        with peak_memory(device) as measured:
+            ms, syncs = time_steps(trainer, steps)
+        peak = measured.mb
         breaks = graph_breaks(trainer) if count_breaks else None
-        med, p20, p80 = _quantiles(ms)
+        med, p20, p80 = quantiles(ms)
         images = images_per_step(trainer)
-        compiled = cfg.compile == "on" or (cfg.compile == "auto" and cuda)
+        compiled = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
     return {"op": method, "case": size.case, "dtype": "bf16-amp" if trainer.amp_dtype is not None else "fp32",
             "provider": provider, "mode": "step", "ms_median": f"{med:.4f}", "ms_p20": f"{p20:.4f}",
             "ms_p80": f"{p80:.4f}", "peak_mb": "" if peak is None else f"{peak:.1f}",
@@ -186,7 +161,7 @@ def bench_method(method: str, provider: str, size: StepSize, device: torch.devic
 
 def run(methods, size: StepSize, device: torch.device, out: Path | None, *, steps: int = 10, warmup: int = 3,
         compile_mode: str = "auto", smoke: bool = False, count_breaks: bool = True, echo=print) -> list[dict]:
-    env = _environment() | {"device": device_label(device)}
+    env = stamp(device)
     rows = []
     for method in methods:
         for provider in PROVIDERS:

@@ -9,9 +9,10 @@ sampling, the loss and its backward. Two providers on the same inputs and the sa
 
 * ``fused`` (the engine): the functions ``U2PL.augment`` calls for its "bank" and "sampling"
   blocks (``contrast_targets``, ``enqueue_negatives``, ``draw_uniforms``, ``sample_contrast`` of
-  ``semiseg_fast/methods/u2pl.py``, on the GPU ring-buffer bank) and the loss of ``U2PL.losses``
-  (``ops.sampled_contrast``) with its backward, imported and called, so the benchmark times what
-  the method runs; the rank masks come from ``ops.rank_mask`` on the teacher probabilities.
+  ``semiseg_fast/methods/u2pl_sampling.py``, on the GPU ring-buffer bank) and the loss of
+  ``U2PL.losses`` (``ops.sampled_contrast``) with its backward, imported and called, so the
+  benchmark times what the method runs; the rank masks come from ``ops.rank_mask`` on the teacher
+  probabilities.
 * ``official``: ``official_stage``, written from spec 5a with the official code's cost structure:
   per-class CPU queues as Python lists of tensors (cat, then keep the last ``cap`` rows), a
   Python loop over classes with boolean gathers, ``.item()`` per class, ``torch.randint`` on the
@@ -38,8 +39,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
@@ -47,24 +46,24 @@ import torch.nn.functional as F
 from semiseg_fast import ops
 from semiseg_fast.methods.bank import ClassMemoryBank
 from semiseg_fast.methods.common import IGNORE, to_rows
-from semiseg_fast.methods.u2pl import (
+from semiseg_fast.methods.u2pl import HIGH_RANK, LOW_RANK, TEMPERATURE
+from semiseg_fast.methods.u2pl_sampling import (
     DELTA_P,
-    HIGH_RANK,
-    LOW_RANK,
     NEG_PROB,
-    TEMPERATURE,
     contrast_targets,
     draw_uniforms,
     enqueue_negatives,
     sample_contrast,
 )
 
-from .bench_ops import (
-    _environment,
+from .harness import (
     append_rows,
     counting_host_syncs,
-    device_label,
+    peak_memory,
+    quantiles,
     results_path,
+    stamp,
+    time_calls,
 )
 
 
@@ -249,28 +248,16 @@ def compare(inp: dict, size: StageSize, queues: list[torch.Tensor]) -> tuple[flo
 
 # -- timing ---------------------------------------------------------------------------------------
 
-def time_provider(step, steps: int, device: torch.device) -> tuple[list[float], int | None, float]:
-    """Wall-clock ms per synchronised step, host syncs per step (CUDA) and peak MB above the start."""
-    cuda = device.type == "cuda"
+def time_provider(step, steps: int, device: torch.device) -> tuple[list[float], int | None, float | None]:
+    """Wall-clock ms per synchronised step, host syncs per step and peak MB above the start (the
+    last two None off CUDA)."""
     step()  # warm-up (compilation, allocator)
     # one step counted on its own: the timed steps below synchronise, which must not be counted
     with counting_host_syncs(device) as syncs:
         step()
-    times = []
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    if not cuda:
-        return times, None, 0.0
-    peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    return times, syncs.value, peak
+    with peak_memory(device) as peak:
+        times = time_calls(step, steps, device, synchronise=True)
+    return times, syncs.value, peak.mb
 
 
 def run(case: str, device: torch.device, steps: int, out=None, echo=print) -> list[dict]:
@@ -290,20 +277,19 @@ def run(case: str, device: torch.device, steps: int, out=None, echo=print) -> li
     # other benchmarks' fused provider so that the report compares them alike
     providers = {"fused": lambda: engine_stage(inp, bank, size, generator=gen),
                  "official": lambda: official_stage(inp, official_queues, size)}
-    env, rows, medians = _environment(), [], {}
+    env, rows, medians = stamp(device), [], {}
     for name, step in providers.items():
         n = steps if name == "fused" else max(3, steps // 5)
         ms, syncs, peak = time_provider(step, n, device)
-        q = statistics.quantiles(ms, n=10) if len(ms) > 1 else [ms[0]] * 9
-        med = statistics.median(ms)
+        med, p20, p80 = quantiles(ms)
         medians[name] = med
-        rows.append({**env, "device": device_label(device), "op": "u2pl_contrast_stage", "case": case,
+        rows.append({**env, "op": "u2pl_contrast_stage", "case": case,
                      "dtype": "fp32", "provider": name, "mode": "stage", "ms_median": f"{med:.4f}",
-                     "ms_p20": f"{q[1]:.4f}", "ms_p80": f"{q[7]:.4f}",
-                     "peak_mb": f"{peak:.1f}" if device.type == "cuda" else "",
+                     "ms_p20": f"{p20:.4f}", "ms_p80": f"{p80:.4f}",
+                     "peak_mb": "" if peak is None else f"{peak:.1f}",
                      "host_syncs": "" if syncs is None else str(syncs),
                      "note": f"{n} steps; loss {loss_e:.6g}"})
-        echo(f"{name:<9} {med:10.3f} ms [{q[1]:.3f}, {q[7]:.3f}]  peak {rows[-1]['peak_mb'] or 'n/a'} MB  "
+        echo(f"{name:<9} {med:10.3f} ms [{p20:.3f}, {p80:.3f}]  peak {rows[-1]['peak_mb'] or 'n/a'} MB  "
              f"host syncs/step {rows[-1]['host_syncs'] or 'n/a'}")
     speedup = medians["official"] / medians["fused"]
     rows[0]["note"] += f"; {speedup:.1f}x faster than official"

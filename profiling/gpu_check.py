@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import dataclasses
-import datetime
 import os
 import signal
 import subprocess
@@ -41,12 +39,15 @@ from pathlib import Path
 import torch
 
 from . import bench_ops, bench_steps
+from .harness import stamp, write_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 STEP_METHODS = ("u2pl", "unimatch")
 # shares of the budget: the tests first (they say whether anything else is worth reading)
 SHARES = {"tests": 0.40, "ops": 0.35, "steps": 0.25}
 STAGE_FIELDS = ["stage", "status", "seconds", "limit_s", "detail"]
+# gpu_check.csv: the stage columns, then the stamp in this order
+STAMP_FIELDS = ["device", "torch", "triton", "commit", "date"]
 
 
 class StageTimeout(Exception):
@@ -169,12 +170,6 @@ def plan(out: Path, device: torch.device, budget: float, dry_run: bool) -> list[
     return stages
 
 
-def _environment(device: torch.device) -> dict[str, str]:
-    env = bench_ops._environment()
-    return {"device": bench_ops.device_label(device), "torch": env["torch"], "triton": env["triton"],
-            "commit": env["commit"], "date": datetime.datetime.now().isoformat(timespec="seconds")}
-
-
 def run(out: Path, budget: float, dry_run: bool, device: torch.device) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -203,15 +198,12 @@ def run(out: Path, budget: float, dry_run: bool, device: torch.device) -> list[d
         results.append({"stage": stage.name, "status": status, "seconds": f"{seconds:.1f}", "limit_s": f"{limit:.0f}",
                         "detail": detail})
         print(f"   {status} in {seconds:.1f} s: {detail}", flush=True)
-        _write(out, results, _environment(device), dry_run, time.perf_counter() - t0)  # kept if the run is killed
+        _write(out, results, stamp(device, timestamp=True), dry_run, time.perf_counter() - t0)  # kept if the run is killed
     return results
 
 
 def _write(out: Path, results: list[dict], env: dict[str, str], dry_run: bool, total: float) -> None:
-    with (out / "gpu_check.csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=STAGE_FIELDS + list(env))
-        writer.writeheader()
-        writer.writerows(r | env for r in results)
+    write_rows(out / "gpu_check.csv", STAGE_FIELDS + STAMP_FIELDS, [r | env for r in results])
     lines = [f"# gpu_check{' (dry run, CPU, toy sizes)' if dry_run else ''}", "",
              f"{env['device']}, torch {env['torch']}, triton {env['triton']}, commit {env['commit']}, {env['date']}; "
              f"{total:.0f} s in all.", "", "| stage | status | seconds | detail |", "|---|---|---|---|"]

@@ -44,11 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="steps run before profiling (compilation, caches)")
     parser.add_argument("--out-dir", default="profiling/traces", help="where the trace and tables go")
     parser.add_argument("--row-limit", type=int, default=25, help="rows of the operator table")
-    args = parser.parse_args(argv)
-    extra = {k: getattr(args, k) for k in ("steps", "warmup", "out_dir", "row_limit")}
-    for k in extra:
-        delattr(args, k)
-    cfg = TrainConfig(**vars(args))
+    args = vars(parser.parse_args(argv))
+    extra = {k: args.pop(k) for k in ("steps", "warmup", "out_dir", "row_limit")}
+    args.pop("debug")  # train.py's error display (cli.py), not a config field
+    cfg = TrainConfig(**args)
     cfg.iters = max(cfg.iters, extra["warmup"] + extra["steps"])
     cfg.eval_every = cfg.ckpt_every = 0
     cfg.progress = False

@@ -23,13 +23,14 @@ given file, stating device, versions, commit and date of the rows shown.
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import os
 from collections.abc import Callable
 from pathlib import Path
 
 from semiseg_fast.fileio import atomic_write_text
+
+from .harness import read_rows
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 Row = dict[str, str]
@@ -39,10 +40,8 @@ def load(path: Path) -> list[Row]:
     """The newest row of every (op, case, dtype, provider, mode), in first-seen order."""
     if not path.is_file():
         raise FileNotFoundError(f"csv: no results file at {path}")
-    with path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
     latest: dict[tuple, Row] = {}
-    for row in rows:
+    for row in read_rows(path):
         latest[(row["op"], row["case"], row["dtype"], row["provider"], row["mode"])] = row
     return list(latest.values())
 

@@ -29,10 +29,11 @@ from pathlib import Path
 import torch
 
 from . import bench_ops, bench_steps, bench_u2pl_stage, report
+from .harness import append_rows, results_path, stamp
 
 
 def ceiling_rows(device: torch.device, smoke: bool) -> list[dict]:
-    env = bench_ops._environment() | {"device": bench_ops.device_label(device)}
+    env = stamp(device)
     base = {"op": "ceiling", "provider": "torch", "mode": "fwd"}
     copy = bench_ops.copy_bandwidth(device)
     rows = [env | base | {"case": "copy bandwidth (read + write)", "dtype": "fp32", "gb_s": f"{copy:.4g}"}]
@@ -56,7 +57,7 @@ def run(device: torch.device, out: Path | None, *, smoke: bool, readme: Path | N
     for r in rows:
         echo(f"{r['case']:<32} {r.get('gb_s') or r.get('tflop_s')} {'GB/s' if r.get('gb_s') else 'TFLOP/s'}")
     if out is not None:
-        bench_ops.append_rows(out, rows)
+        append_rows(out, rows)
 
     stage("ops")
     dtypes = ["fp32"] if smoke else ["fp32", "bf16"]  # the smoke checks the plumbing, once
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="ops to benchmark (repeatable; default all)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    out = args.out if args.out is not None or args.smoke else bench_ops.results_path(device)
+    out = args.out if args.out is not None or args.smoke else results_path(device)
     run(device, out, smoke=args.smoke, readme=args.readme, plots=not args.no_plots,
         compile_steps=args.compile_steps, methods=args.method, op_names=args.op)
     return 0

@@ -4,7 +4,7 @@ import csv
 import torch
 
 from profiling import bench_u2pl_stage as stage
-from profiling.bench_ops import FIELDS
+from profiling.harness import FIELDS
 
 SMOKE = stage.SIZES["smoke"]
 
