@@ -34,6 +34,11 @@ class DistEnv:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def barrier(self) -> None:
+        """Wait for every rank (a host-side sync: for set-up, never inside a step)."""
+        if self.enabled:
+            dist.barrier()
+
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """Sum (or ``"max"``) over ranks as a new tensor: differentiable, traceable by
         ``torch.compile``; the identity in a single process.

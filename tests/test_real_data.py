@@ -247,7 +247,7 @@ def test_split_files_are_validated(voc_root, tmp_path):
     (folder / "unlabeled.txt").write_text(f"{TRAIN[1]}\n{TRAIN[2]}\n")
     with pytest.raises(DataError, match=rf"unlabeled.txt:1: image '{TRAIN[1]}' is listed again"):
         voc(voc_root, splits_dir=folder).split(1, 0)
-    with pytest.raises(DataError, match="nowhere"):
+    with pytest.raises(ConfigError, match="--splits: .*nowhere"):  # a bad argument: a usage error
         voc(voc_root, splits_dir=tmp_path / "nowhere").split(1, 0)
     # an SBD-free copy: images without any label cannot be labeled
     (voc_root / "ImageSets/Segmentation/train_aug.txt").write_text("\n".join(TRAIN + AUG_ONLY) + "\n")

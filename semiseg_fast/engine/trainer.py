@@ -82,8 +82,9 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Apply the run-directory rules (module docstring); remove what an interrupted write left."""
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, clean: bool = True) -> None:
+    """Apply the run-directory rules (module docstring); with ``clean`` (the writing process) also
+    delete an overwritten run and what an interrupted write left."""
     held = [name for name in RUN_FILES if (run_dir / name).exists()]
     if resume:
         if not (run_dir / "latest.pt").is_file():
@@ -91,7 +92,7 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     elif held and not overwrite:
         raise ConfigError(f"--out: {run_dir} already holds a run ({', '.join(held)}); pass --resume to continue "
                           "it, --overwrite to start it again, or another --out")
-    elif held:
+    elif held and clean:
         for name in held:
             (run_dir / name).unlink()
         tb = run_dir / "tb"
@@ -99,7 +100,7 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
             for f in sorted(tb.rglob("*"), reverse=True):
                 f.unlink() if f.is_file() else f.rmdir()
             tb.rmdir()
-    if run_dir.is_dir():
+    if clean and run_dir.is_dir():
         for stale in run_dir.glob(".*.pt.*.tmp"):  # a write killed before its rename (atomic_save)
             stale.unlink()
 
@@ -131,12 +132,13 @@ class Trainer:
     def __init__(self, cfg, echo=print):
         self.cfg = cfg.validate()
         self.echo = echo
-        self.run_dir = Path(cfg.out)
-        prepare_run_dir(self.run_dir, cfg.resume, cfg.overwrite)
         self.device = resolve_device(cfg.device)
         self.dist = init_distributed(self.device.type)
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
+        self.run_dir = Path(cfg.out)
+        self.dist.barrier()  # what an earlier run of this process group wrote is complete
+        prepare_run_dir(self.run_dir, cfg.resume, cfg.overwrite, clean=self.dist.is_main)
         configure_determinism(cfg.deterministic, self.device)
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
