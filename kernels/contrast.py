@@ -17,8 +17,8 @@ several times gets the sum, bit-reproducibly when ``torch.use_deterministic_algo
 [C * Q, D], streamed in column tiles through ``tl.dot`` on the tensor cores, never materialising
 the N x CQ logits the official code keeps three copies of; extra memory is O(N + C Q D). Inputs
 go to the dot as given: bf16/fp16 unit rows (fp32 accumulation); fp32 at IEEE or TF32 precision
-by ``precision`` ("auto" follows PyTorch's float32 matmul precision, see
-``resolve_precision``). Anchors are normalised in the kernel and visited in label order (one
+by ``precision`` (the op turns "auto" into PyTorch's float32 matmul precision before the launch,
+see ``resolve_precision``). Anchors are normalised in the kernel and visited in label order (one
 device sort), so a block holds one or two classes.
 Pass 1 keeps NEG_p = sum of e^{s/t} over the valid entries of the other classes as a running max
 m and a rescaled sum (online, as flash attention), so no exp can overflow whatever t is; pass 2
@@ -40,8 +40,10 @@ import os
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
-_BLOCK_M = 16
+# Anchors per program of the sampled loss. Read at every launch: profiling/tune.py sweeps it.
+SAMPLED_TILES = {"BLOCK_M": 16}
 _EPS = 1e-8
 
 
@@ -112,15 +114,16 @@ def _launch(anchors, keys_pos, bank, anchor_idx, neg_idx, temperature, active, b
     d = anchors.shape[1]
     nneg = neg_idx.shape[2]
     device = anchors.device
+    block_m = SAMPLED_TILES["BLOCK_M"]
     act = (torch.ones(k, dtype=torch.bool, device=device) if active is None else active).view(torch.uint8)
-    blocks = triton.cdiv(m, _BLOCK_M)
+    blocks = triton.cdiv(m, block_m)
     partial = torch.zeros((k, blocks), dtype=torch.float32, device=device)
     dgrad = torch.empty((k * m, anchors.shape[1]), dtype=torch.float32, device=device) if backward else partial
     scale = grad.float().reshape(1) if backward else partial
     if k and m:
         _sampled_kernel[(k, blocks)](anchors, keys_pos, bank if bank.numel() else keys_pos, anchor_idx,
                                      neg_idx, act, partial, dgrad, scale, m, nneg, d, 1.0 / float(temperature),
-                                     _EPS, BACKWARD=backward, BLOCK_M=_BLOCK_M,
+                                     _EPS, BACKWARD=backward, BLOCK_M=block_m,
                                      BLOCK_D=triton.next_power_of_2(d))
     if backward:
         # duplicates add up through index_put_(accumulate=True): deterministic under
@@ -131,11 +134,21 @@ def _launch(anchors, keys_pos, bank, anchor_idx, neg_idx, temperature, active, b
     return (partial.sum(dim=1) / max(m, 1)).sum().to(anchors.dtype)
 
 
-def sampled_contrast(anchors, keys_pos, bank, anchor_idx, neg_idx, temperature, active):
+def sampled_contrast(anchors: Tensor, keys_pos: Tensor, bank: Tensor, anchor_idx: Tensor, neg_idx: Tensor,
+                     temperature: float, active: Tensor | None) -> Tensor:
+    """sum_k active_k mean_m CE(cos(a_m, [proto_k, negs]) / temperature, 0), a 0-d tensor of anchors'
+    dtype, of ``anchors`` float [N, D], ``keys_pos`` float [K, D] and ``bank`` float [R, D] (one
+    dtype; read in fp32), ``anchor_idx`` int64 [K, M] rows of anchors, ``neg_idx`` int64
+    [K, M, Nneg] rows of bank and ``active`` bool [K] (None: all)."""
     return _launch(anchors, keys_pos, bank, anchor_idx, neg_idx, temperature, active, backward=False)
 
 
-def sampled_contrast_backward(grad, anchors, keys_pos, bank, anchor_idx, neg_idx, temperature, active):
+def sampled_contrast_backward(grad: Tensor, anchors: Tensor, keys_pos: Tensor, bank: Tensor, anchor_idx: Tensor,
+                              neg_idx: Tensor, temperature: float, active: Tensor | None) -> Tensor:
+    """d_anchors float [N, D] (anchors' dtype) of :func:`sampled_contrast` scaled by ``grad`` float
+    0-d, same arguments (``anchors`` float [N, D], ``keys_pos`` float [K, D], ``bank`` float
+    [R, D], ``anchor_idx`` int64 [K, M], ``neg_idx`` int64 [K, M, Nneg], ``active`` bool [K] or
+    None); anchors drawn several times get the sum."""
     return _launch(anchors, keys_pos, bank, anchor_idx, neg_idx, temperature, active, backward=True, grad=grad)
 
 
@@ -148,11 +161,11 @@ def sampled_contrast_backward(grad, anchors, keys_pos, bank, anchor_idx, neg_idx
 # anchor rows); these are the largest candidates that compiled without a spill for sm_90 and sm_80
 # under Triton 3.6 and 3.9 (profiling.aot, results/aot_sm90.csv; fewer anchors per program read
 # each bank tile more often).
-_BANK_TILES = {"interpret": (16, 32, 4, 1),
-               "ieee": (32, 16, 8, 2), "ieee_bwd": (16, 16, 8, 2),
-               "tf32": (64, 32, 8, 2), "tf32_bwd": (16, 32, 8, 2),
-               "half": (64, 32, 8, 2), "half_bwd": (16, 32, 8, 2)}
-PRECISIONS = ("auto", "ieee", "tf32")
+BANK_TILES = {"interpret": (16, 32, 4, 1),
+              "ieee": (32, 16, 8, 2), "ieee_bwd": (16, 16, 8, 2),
+              "tf32": (64, 32, 8, 2), "tf32_bwd": (16, 32, 8, 2),
+              "half": (64, 32, 8, 2), "half_bwd": (16, 32, 8, 2)}
+PRECISIONS = ("ieee", "tf32")
 
 
 @triton.jit
@@ -328,26 +341,21 @@ def _bank_kernel(z_ptr, order_ptr, lab_ptr, pos_ptr, g_ptr, fill_ptr, scale_ptr,
 
 
 def resolve_precision(precision: str, dtype: torch.dtype) -> str:
-    """``tl.dot`` input precision for bank dtype ``dtype`` under the op's ``precision`` argument.
+    """``tl.dot`` input precision for bank dtype ``dtype`` under the launcher's ``precision``.
 
     bf16/fp16 go to the tensor cores as given (fp32 accumulation). fp32: "ieee" or "tf32" as
-    asked; "auto" follows PyTorch's own switch for fp32 matmuls, read at the launch
-    (``ops._dispatch.fp32_matmul_precision``: "highest", the default, -> IEEE; "high"/"medium"
-    or ``fp32_precision = "tf32"`` -> TF32). The op's autograd pins the forward's choice for the
-    backward.
+    asked. The op decides it: its "auto" follows PyTorch's own switch for fp32 matmuls, read when
+    it launches ("highest", the default, -> IEEE; "high"/"medium" or ``fp32_precision = "tf32"``
+    -> TF32), and its autograd pins the forward's choice for the backward.
     Why: the logits are cos / t fed to exp, so TF32's 2^-11 rounding of the unit rows moves a
     logit by up to ~2^-10 / t (1e-2 at t = 0.1), which is why IEEE stays the default; a user who
     opted into TF32 for the model's matmuls expects it here too, and the reference then runs its
     matmuls in TF32 as well, so A/B comparisons stay like for like.
     """
     if precision not in PRECISIONS:
-        raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
+        raise ValueError(f"precision: expected one of {PRECISIONS} (the op resolves 'auto'), got {precision!r}")
     if dtype != torch.float32:
         return "tf32"  # ignored by tl.dot for 16-bit operands; the default there
-    if precision == "auto":
-        from semiseg_fast.ops._dispatch import fp32_matmul_precision  # here: ops imports kernels
-
-        return fp32_matmul_precision()
     return precision
 
 
@@ -356,7 +364,7 @@ def _interpreting() -> bool:
 
 
 def bank_tile_key(half: bool, dot_precision: str, backward: bool) -> str:
-    """The ``_BANK_TILES`` entry a launch uses."""
+    """The ``BANK_TILES`` entry a launch uses."""
     if _interpreting():
         return "interpret"
     return ("half" if half else dot_precision) + ("_bwd" if backward else "")
@@ -395,7 +403,7 @@ def _bank_launch(z, labels, bank, positive, fill, mode, temperature, eps, precis
     dp = torch.empty((n, d), dtype=torch.float32, device=device) if backward and positive_grad else dz
     scale = (weight_p * grad.float()).contiguous() if backward else loss
     if n:
-        block_p, block_n, warps, stages = _BANK_TILES[bank_tile_key(half, dot_precision, backward)]
+        block_p, block_n, warps, stages = BANK_TILES[bank_tile_key(half, dot_precision, backward)]
         _bank_kernel[(triton.cdiv(n, block_p),)](
             z, order, lab32, positive if lc else z, g, counts, scale, loss, dz, dp, n, c * q, q, d,
             1.0 / float(temperature), math.log(eps) if eps > 0 else float("-inf"),
@@ -412,12 +420,22 @@ def _bank_launch(z, labels, bank, positive, fill, mode, temperature, eps, precis
     return (loss * weight_p).sum().to(z.dtype)
 
 
-def class_bank_contrast(z, labels, bank, positive, fill, mode, temperature, eps, precision):
+def class_bank_contrast(z: Tensor, labels: Tensor, bank: Tensor, positive: Tensor | None, fill: Tensor | None,
+                        mode: str, temperature: float, eps: float, precision: str) -> Tensor:
+    """CTT HC/LC loss (``mode`` "hc" or "lc"), a 0-d tensor of z's dtype, of anchors ``z``
+    float16/bfloat16/float32 [N, D], ``labels`` int32 or int64 [N] (< 0: not an anchor), ``bank``
+    [C, Q, D] and (lc) ``positive`` [N, D] of z's dtype (hc: None), ``fill`` int32 or int64 [C]
+    (None: full banks); ``precision`` "ieee" or "tf32" (fp32 dots)."""
     return _bank_launch(z, labels, bank, positive, fill, mode, temperature, eps, precision)
 
 
-def class_bank_contrast_backward(grad, z, labels, bank, positive, fill, mode, temperature, eps, precision,
-                                 positive_grad):
+def class_bank_contrast_backward(grad: Tensor, z: Tensor, labels: Tensor, bank: Tensor, positive: Tensor | None,
+                                 fill: Tensor | None, mode: str, temperature: float, eps: float, precision: str,
+                                 positive_grad: bool) -> list[Tensor]:
+    """[dz] or, with ``positive_grad``, [dz, d_positive], each [N, D] in its input's dtype, of
+    :func:`class_bank_contrast` scaled by ``grad`` float 0-d; same arguments (``z``
+    float16/bfloat16/float32 [N, D], ``labels`` int32 or int64 [N], ``bank`` [C, Q, D],
+    ``positive`` [N, D] or None, ``fill`` int32 or int64 [C] or None)."""
     return _bank_launch(z, labels, bank, positive, fill, mode, temperature, eps, precision, grad=grad,
                         positive_grad=positive_grad)
 

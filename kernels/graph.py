@@ -23,12 +23,12 @@ Semantic graph (``graph_mix``), per image of N nodes with unit features F^ [N, D
 
 Three passes (the last two computing each tile and its transpose) of N^2 D work, instead of the
 dense reference's N x N similarity, top-k and normalised graph (and the official code's two N^3
-``diag_embed`` products). Every ``tl.dot`` takes fp32 operands at ``_DOT_PRECISION`` = "tf32x3":
+``diag_embed`` products). Every ``tl.dot`` takes fp32 operands at ``SETTINGS["DOT_PRECISION"]`` = "tf32x3":
 three TF32 tensor-core products (big x big + big x small + small x big) that carry fp32-level error
 (~2^-22 relative per term, the dropped small x small), where plain TF32 (10-bit mantissa, ~1e-3)
 would move pixels across theta and far off the fp32 reference, and "ieee" runs on the FMA units
 (no tensor cores, ~1/7 of H100's TF32 rate). Each tile is still recomputed bit-identically across
-the passes, so theta stays self-consistent. "ieee" is one constant away (`profiling/tune.py` sweeps both).
+the passes, so theta stays self-consistent. "ieee" is one entry away (`profiling/tune.py` sweeps both).
 Why the recomputation is exact on a GPU as in the interpreter: the three kernels build every
 similarity tile with the one function ``_sim_tile``, at the same tile sizes, feature chunk, chunk
 order and warps (``TILES`` is keyed by the tile size alone), so Triton lowers it to the same
@@ -44,13 +44,13 @@ graphs at VOC are 10 x 1681 nodes, and one graph alone would be 53 row programs 
 than an H100's 132 SMs; the batch is 530.
 
 Class graph (``class_propagate``). With the intended label-equality mask it needs no kernel: P2 >= 0
-makes it block-diagonal of rank C, so Q^ X is two O(N C^2 D) GEMMs in torch
+makes it block-diagonal of rank C, so Q^ X is two O(N C^2 D) GEMMs in torch, which the op runs
 (``reference.class_graph_lowrank``), on the device, without host reads. The official scrambled
 mask M_ij = [OH'_i . OH'_j != 0] is not low-rank; it streams through the same degree and apply
-kernels with the class tile Q_IJ = max(0, P2^_I P2^_J^T) [M_IJ]: OH' [N, C] is built on the device
-(O(N C)) and packed into 31-bit words per node, so M_IJ is an AND of words, exact, with no extra
-dot. Pass 1 gives e = (rowsum Q + 1e-10)^-1/2, pass 2 F' = e * (Q (e * F)); the backward is the
-same apply on g (Q^ is symmetric up to the rounding of its tile products: no threshold acts on Q,
+kernels with the class tile Q_IJ = max(0, P2^_I P2^_J^T) [M_IJ]: the op hands over the one-hot
+rows OH' [N, C] (built on the device, O(N C)), packed here into 31-bit words per node, so M_IJ is
+an AND of words, exact, with no extra dot. Pass 1 gives e = (rowsum Q + 1e-10)^-1/2, pass 2
+F' = e * (Q (e * F)); the backward is the same apply on g (Q^ is symmetric up to the rounding of its tile products: no threshold acts on Q,
 so a last-bit difference between Q_ij and Q_ji only moves dF by rounding). Nodes whose OH' row is
 zero have an empty row: F' = 0 there.
 """
@@ -62,13 +62,15 @@ import torch
 import torch.nn.functional as nnf
 import triton
 import triton.language as tl
-
-from semiseg_fast import reference as ref
+from torch import Tensor
 
 _MAX_K = 64
-_DOT_PRECISION = "tf32x3"  # see the module docstring; a kernel argument, so profiling/tune.py can sweep it
-_CLASS_BLOCK = 64  # class-graph tiles: no top-k buffer ties their size
-_MAX_BLOCK_X = 128  # apply columns per program: X = F has D = 256 columns, a 2-D grid splits them
+# Read by the launchers at every call (profiling/tune.py sweeps them).
+SETTINGS = {
+    "DOT_PRECISION": "tf32x3",  # see the module docstring; a kernel argument, so it can be swept
+    "CLASS_BLOCK": 64,  # class-graph tiles: no top-k buffer ties their size
+    "MAX_BLOCK_X": 128,  # apply columns per program: X = F has D = 256 columns, a 2-D grid splits them
+}
 _WORD_BITS = 31  # mask bits per int32 word, sign bit unused so packing never overflows
 
 
@@ -244,13 +246,14 @@ def _with_degrees(feat: torch.Tensor, aux: torch.Tensor, words: int, block: int,
     deg = torch.empty((b, n), dtype=torch.float32, device=feat.device)
     _degree_kernel[(triton.cdiv(n, block), b)](feat, aux, deg, n, d, words, aux[0].numel(), BLOCK_R=block,
                                                 BLOCK_N=block, BLOCK_D=_dot_width(d, block), CLASS_GRAPH=is_class,
-                                                PRECISION=_DOT_PRECISION, **_launch_options(block))
+                                                PRECISION=SETTINGS["DOT_PRECISION"], **_launch_options(block))
     return _Graph(feat, aux, torch.pow(deg + 1e-10, -0.5), words, block, is_class)
 
 
-def semantic_graph(F: torch.Tensor, k: int) -> _Graph:
-    """Top-k and degree passes (three similarity products) of the graphs of F [N, D] or [B, N, D]:
-    all an application of A^ needs, O(B N).
+def semantic_graph(F: Tensor, k: int) -> _Graph:
+    """Top-k and degree passes (three similarity products) of the graphs of ``F`` float [N, D] or
+    [B, N, D]: all an application of A^ needs, O(B N): unit rows float32 [B, N, D], theta float32
+    [B, N] and d^-1/2 float32 [B, N].
 
     Public so that profiling can time the similarity tiles alone.
     """
@@ -259,7 +262,7 @@ def semantic_graph(F: torch.Tensor, k: int) -> _Graph:
     theta = torch.empty((b, n), dtype=torch.float32, device=F.device)
     blk = _block(k)
     _topk_kernel[(triton.cdiv(n, blk), b)](f, theta, n, d, k, BLOCK_R=blk, BLOCK_N=blk, KP=blk,
-                                            BLOCK_D=_dot_width(d, blk), PRECISION=_DOT_PRECISION,
+                                            BLOCK_D=_dot_width(d, blk), PRECISION=SETTINGS["DOT_PRECISION"],
                                             **_launch_options(blk))
     return _with_degrees(f, theta, 0, blk, False)
 
@@ -273,13 +276,14 @@ def _mask_words(onehot: torch.Tensor) -> torch.Tensor:
     return (bits * weights).sum(dim=-1).to(torch.int32).contiguous()  # < 2^31 by construction
 
 
-def _official_class_graph(logits: torch.Tensor, y: torch.Tensor, h: int, w: int) -> _Graph:
-    # the tiles' products at _DOT_PRECISION, as the semantic graph's: plain TF32's 10-bit mantissa
-    # would put ~1e-3 relative errors on every Q_ij, far outside the fp32 reference's rounding
-    # that the tests hold the op to; tf32x3 keeps fp32-level error on the tensor cores
+def _class_graph(logits: torch.Tensor, onehot: torch.Tensor) -> _Graph:
+    # the tiles' products at SETTINGS["DOT_PRECISION"], as the semantic graph's: plain TF32's
+    # 10-bit mantissa would put ~1e-3 relative errors on every Q_ij, far outside the fp32
+    # reference's rounding that the tests hold the op to; tf32x3 keeps fp32-level error on the
+    # tensor cores
     p = _unit_rows(torch.softmax(logits.float(), dim=-1))
-    words = _mask_words(ref.official_onehot(y.long(), p.shape[-1], h, w)).view(*p.shape[:2], -1)
-    return _with_degrees(p, words, words.shape[-1], _CLASS_BLOCK, True)
+    words = _mask_words(onehot).view(*p.shape[:2], -1)
+    return _with_degrees(p, words, words.shape[-1], SETTINGS["CLASS_BLOCK"], True)
 
 
 def _apply(graph: _Graph, X: torch.Tensor) -> torch.Tensor:
@@ -287,39 +291,32 @@ def _apply(graph: _Graph, X: torch.Tensor) -> torch.Tensor:
     x = _images(X).float().contiguous()
     cx = x.shape[-1]
     out = torch.empty_like(x)
-    block_x = min(max(triton.next_power_of_2(cx), 16), _MAX_BLOCK_X)
+    block_x = min(max(triton.next_power_of_2(cx), 16), SETTINGS["MAX_BLOCK_X"])
     # the same tile shape as the passes that made theta, so every S_ij is recomputed bit for bit
     grid = (triton.cdiv(n, graph.block), triton.cdiv(cx, block_x), b)
     _apply_kernel[grid](graph.feat, graph.aux, graph.dinv, x, out, n, d, graph.words, graph.aux[0].numel(), cx,
                         BLOCK_R=graph.block, BLOCK_N=graph.block, BLOCK_D=_dot_width(d, graph.block),
-                        BLOCK_X=block_x, CLASS_GRAPH=graph.is_class, PRECISION=_DOT_PRECISION,
+                        BLOCK_X=block_x, CLASS_GRAPH=graph.is_class, PRECISION=SETTINGS["DOT_PRECISION"],
                         **_launch_options(graph.block))
     return out.view(X.shape)
 
 
-def _mix_weights(mask: torch.Tensor, dtype: torch.dtype):
-    m = mask.to(dtype)[..., None]
-    return 0.2 * m + 0.8 * (1 - m), 0.8 * m + 0.2 * (1 - m)
-
-
-def graph_mix(Z, F, eta, k, threshold):
-    z = Z.float()
-    conf, y = torch.max(torch.softmax(z, dim=-1), dim=-1)
-    mask = (conf >= threshold) | (conf >= eta[y])
+def graph_mix(Z: Tensor, F: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """(A^ Z float32 [N, C], state float32 [N, 2]) of logits ``Z`` float [N, C] under the kNN
+    graph A^ of features ``F`` float [N, D] (or [B, N, *]: a graph per image); the op mixes A^ Z
+    with Z. state = (theta, d^-1/2) per node."""
     graph = semantic_graph(F, k)
-    z_graph = _apply(graph, z)
-    m = mask.to(z.dtype)[..., None]
-    # official operation order: (0.8 A^Z + 0.2 Z)(1 - m) + (0.2 A^Z + 0.8 Z) m
-    mixed = (0.8 * z_graph + 0.2 * z) * (1 - m) + (0.2 * z_graph + 0.8 * z) * m
+    z_graph = _apply(graph, Z)
     # (theta, d^-1/2) per node: the backward reuses them instead of repeating the top-k (its merge
     # sorts are the costliest pass) and degree passes, 3 of the 5 similarity products per direction
     state = torch.stack((graph.aux, graph.dinv), dim=-1).view(*Z.shape[:-1], 2)
-    return mixed.to(Z.dtype), y, mask, state
+    return z_graph, state
 
 
-def graph_mix_backward(grad, F, mask, k, state):
-    g = grad.float()
-    l1, l2 = _mix_weights(mask, g.dtype)
+def graph_mix_backward(grad: Tensor, l1: Tensor, F: Tensor, k: int, state: Tensor | None) -> Tensor:
+    """A^ (l1 grad) float32 [N, C] of ``grad`` float [N, C] and the mix weights ``l1`` float [N, 1],
+    A^ the kNN graph of ``F`` float [N, D] (or [B, N, *]), from the forward's ``state`` float32
+    [N, 2] or, when None, rebuilt; the op adds l2 grad."""
     if state is None:
         graph = semantic_graph(F, k)
     else:
@@ -327,35 +324,33 @@ def graph_mix_backward(grad, F, mask, k, state):
         # apply pass sees exactly the similarities its theta was taken from
         state = _images(state)
         graph = _Graph(_unit_rows(F), state[..., 0].contiguous(), state[..., 1].contiguous(), 0, _block(k), False)
-    return (_apply(graph, l1 * g) + l2 * g).to(grad.dtype)
+    return _apply(graph, l1.float() * grad.float())
 
 
-def _class_apply(logits, y, X, official_layout, h, w):
-    if official_layout:
-        return _apply(_official_class_graph(logits, y, h, w), X)
-    return ref.class_graph_lowrank(torch.softmax(logits.float(), dim=-1), y, X.float())
+def class_propagate(logits: Tensor, onehot: Tensor, F: Tensor) -> Tensor:
+    """Q^ F [N, D] in F's dtype: the class graph of softmax(``logits`` float [N, C]) under the mask
+    [OH_i . OH_j != 0] of the 0/1 rows ``onehot`` int64 [N, C'] (the official layout's OH'),
+    applied to ``F`` float [N, D] (or [B, N, *])."""
+    return _apply(_class_graph(logits, onehot), F).to(F.dtype)
 
 
-def class_propagate(logits, y, F, official_layout, h, w):
-    return _class_apply(logits, y, F, official_layout, h, w).to(F.dtype)
+def class_propagate_backward(grad: Tensor, logits: Tensor, onehot: Tensor) -> Tensor:
+    """Q^ grad [N, D] in grad's dtype (Q^ is symmetric: the gradient of :func:`class_propagate`) of
+    ``grad`` float [N, D], ``logits`` float [N, C] and ``onehot`` int64 [N, C'] (or [B, N, *])."""
+    return _apply(_class_graph(logits, onehot), grad).to(grad.dtype)
 
 
-def class_propagate_backward(grad, logits, y, official_layout, h, w):
-    # Q^ is symmetric: the gradient is Q^ g
-    return _class_apply(logits, y, grad, official_layout, h, w).to(grad.dtype)
-
-
-def _small_k(Z, F, eta, k, *_):
+def _small_k(Z, F, k):
     return k <= _MAX_K
 
 
-def _small_k_backward(grad, F, mask, k, state):
+def _small_k_backward(grad, l1, F, k, state):
     return k <= _MAX_K
 
 
 graph_mix.accepts = _small_k
 graph_mix_backward.accepts = _small_k_backward
-# class_propagate takes every input: the intended mask by its rank-C form, the official one streamed
+# class_propagate takes every input it is given: the op keeps the intended mask (rank-C torch form)
 
 LAUNCHERS = {"graph_mix": graph_mix, "graph_mix_backward": graph_mix_backward,
              "class_propagate": class_propagate, "class_propagate_backward": class_propagate_backward}

@@ -5,18 +5,23 @@ the benchmark cases, every candidate checked against the shipped configuration b
     python -m profiling.tune --op class_bank_contrast --dtype bf16
     python -m profiling.tune --smoke --no-csv              # tiny shapes and tiles (CPU: interpreter)
 
-The knobs (``KNOBS``) are module constants that the kernels' launchers read at every call. Nothing
-autotunes at run time: timing candidates inside a training step would synchronise with the host
-and make the first steps slow. For each op, case and dtype, one knob at a time (the others at their
-shipped values), the sweep builds the ``fused`` provider of :mod:`profiling.bench_ops` with the
-candidate set, compares its forward output and, for losses, the input gradient with the shipped
-configuration's (the percentile op exactly; otherwise a max error within ``rtol`` of the largest
-value: other tiles sum in another order and, for the graph, another precision), then times its
-forward + backward (statistics: forward). A candidate that disagrees is recorded, not timed. Rows go
-to the results CSV with provider ``fused[<knob>=<value>]`` and ``shipped`` in the note; the table
-gives each candidate's median and speed-up over the shipped value. Adopting a winner is a one-line
-change of the constant, after which the GPU tests must pass (``pytest -m gpu``): the sweep checks
-one input per case, the tests check the edge cases.
+The knobs (``KNOBS``) are entries of the kernel modules' public tile tables (``TILES``,
+``SETTINGS``, ``SAMPLED_TILES``, ``BANK_TILES``: dicts that the launchers read at every call). A
+knob names its module, table and key (or a function of the dtype that picks the key) and sets a
+candidate with ``unittest.mock.patch.dict`` on that one entry, so the shipped value is back
+afterwards whatever the candidate did. Nothing autotunes at run time: timing candidates inside a
+training step would synchronise with the host and make the first steps slow. For each op, case
+and dtype, one knob at a time (the others at their shipped values), the sweep builds the
+``fused`` provider of :mod:`profiling.bench_ops` with the candidate set, compares its forward
+output and, for losses, the input gradient with the shipped configuration's (the percentile op
+exactly; otherwise a max error within ``rtol`` of the largest value: other tiles sum in another
+order and, for the graph, another precision), then times its forward + backward (statistics:
+forward). A candidate that disagrees is recorded, not timed. Rows go to the results CSV with
+provider ``fused[<knob>=<value>]`` (the key in lower case, or the table's name where the dtype
+picks the key) and ``shipped`` in the note; the table gives each candidate's median and speed-up
+over the shipped value. Adopting a winner is a one-line change of the table entry, after which
+the GPU tests must pass (``pytest -m gpu``): the sweep checks one input per case, the tests check
+the edge cases.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ import importlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -36,31 +42,34 @@ HALF = (torch.float16, torch.bfloat16)
 
 @dataclass(frozen=True)
 class Knob:
-    """A kernel module's constant (``module``: its import path) and the values to try (``smoke``:
-    interpreter-sized ones). ``entry`` picks the entry of a dict-valued constant that a dtype uses."""
+    """One entry of a kernel module's tile table: ``module`` (its import path), ``table`` (the
+    name of a dict the launchers read at every call), ``key`` (the entry, or a function of the
+    dtype that picks it), the values to try and ``smoke`` (interpreter-sized ones)."""
 
     module: str
-    attr: str
+    table: str
+    key: str | Callable[[torch.dtype], str]
     candidates: tuple
     smoke: tuple
-    entry: Callable[[torch.dtype], str] | None = None
 
-    def _module(self):
-        return importlib.import_module(self.module)
+    @property
+    def name(self) -> str:
+        """The knob in provider labels: the key, or the table where the dtype picks the key."""
+        return (self.key if isinstance(self.key, str) else self.table).lower()
+
+    def _table(self) -> dict:
+        return getattr(importlib.import_module(self.module), self.table)
+
+    def _key(self, dtype: torch.dtype) -> str:
+        return self.key if isinstance(self.key, str) else self.key(dtype)
 
     def shipped(self, dtype: torch.dtype):
-        value = getattr(self._module(), self.attr)
-        return value if self.entry is None else value[self.entry(dtype)]
+        return self._table()[self._key(dtype)]
 
     @contextlib.contextmanager
     def set(self, value, dtype: torch.dtype) -> Iterator[None]:
-        module = self._module()
-        old = getattr(module, self.attr)
-        setattr(module, self.attr, value if self.entry is None else {**old, self.entry(dtype): value})
-        try:
+        with mock.patch.dict(self._table(), {self._key(dtype): value}):
             yield
-        finally:
-            setattr(module, self.attr, old)
 
 
 def _bank_entry(dtype: torch.dtype) -> str:
@@ -76,16 +85,16 @@ _BANK_CANDIDATES = ((64, 32, 8, 2), (64, 64, 8, 2), (32, 32, 8, 2), (64, 16, 8, 
 
 _K = "semiseg_fast.kernels."
 KNOBS: dict[str, list[Knob]] = {
-    "spatial_kl": [Knob(_K + "spatial_kl", "_BLOCK_J", (64, 128, 256, 512), (64, 128))],
-    "entropy_percentile": [Knob(_K + "entropy_percentile", "_BLOCK_N", (1024, 2048, 4096), (512, 1024)),
-                           Knob(_K + "entropy_percentile", "_BLOCK_OUT", (64, 128, 256), (64, 128)),
-                           Knob(_K + "entropy_percentile", "_BLOCK_LOGIT", (32, 64, 128), (32, 64))],
-    "sampled_contrast": [Knob(_K + "contrast", "_BLOCK_M", (16, 32, 64), (16, 32))],
-    "class_bank_contrast": [Knob(_K + "contrast", "_BANK_TILES", _BANK_CANDIDATES, ((16, 32, 4, 1), (32, 16, 4, 1)),
-                                 entry=_bank_entry)],
-    "graph_mix": [Knob(_K + "graph", "_DOT_PRECISION", ("tf32x3", "ieee"), ("tf32x3", "ieee")),
-                  Knob(_K + "graph", "_CLASS_BLOCK", (32, 64, 128), (32, 64)),
-                  Knob(_K + "graph", "_MAX_BLOCK_X", (64, 128, 256), (16, 128))],
+    "spatial_kl": [Knob(_K + "spatial_kl", "TILES", "BLOCK_J", (64, 128, 256, 512), (64, 128))],
+    "entropy_percentile": [Knob(_K + "entropy_percentile", "TILES", "BLOCK_N", (1024, 2048, 4096), (512, 1024)),
+                           Knob(_K + "entropy_percentile", "TILES", "BLOCK_OUT", (64, 128, 256), (64, 128)),
+                           Knob(_K + "entropy_percentile", "TILES", "BLOCK_LOGIT", (32, 64, 128), (32, 64))],
+    "sampled_contrast": [Knob(_K + "contrast", "SAMPLED_TILES", "BLOCK_M", (16, 32, 64), (16, 32))],
+    "class_bank_contrast": [Knob(_K + "contrast", "BANK_TILES", _bank_entry, _BANK_CANDIDATES,
+                                 ((16, 32, 4, 1), (32, 16, 4, 1)))],
+    "graph_mix": [Knob(_K + "graph", "SETTINGS", "DOT_PRECISION", ("tf32x3", "ieee"), ("tf32x3", "ieee")),
+                  Knob(_K + "graph", "SETTINGS", "CLASS_BLOCK", (32, 64, 128), (32, 64)),
+                  Knob(_K + "graph", "SETTINGS", "MAX_BLOCK_X", (64, 128, 256), (16, 128))],
 }
 
 
@@ -157,7 +166,7 @@ def run(op_names, dtype_names, smoke: bool, device: torch.device, out: Path | No
                     base = None
                     for value in values:
                         row = {**env, "device": device_name, "op": op, "case": case, "dtype": dtype_name,
-                               "provider": f"fused[{knob.attr.strip('_').lower()}={value}]", "mode": mode,
+                               "provider": f"fused[{knob.name}={value}]", "mode": mode,
                                "note": "shipped" if value == shipped else ""}
                         with knob.set(value, dtype):
                             modes = _build_fused(op, shape, dtype, device)
