@@ -199,7 +199,7 @@ def test_mllc_terms_switch_on_and_reach_the_graph_layers(tmp_path):
     late = m.losses(dict(batch), torch.tensor(0.5))
     assert float(late["loss_proto"]) > 0 and float(late["loss_aff"]) > 0 and float(late["loss_u"]) >= 0
     # before proto_start the prototype term is weighted 0, after it mllc_proto_weight
-    gap = float(late["loss"] - early["loss"])
+    gap = float((late["loss"] - early["loss"]).detach())
     assert gap == pytest.approx(m.cfg.mllc_proto_weight * float(late["loss_proto"]), rel=1e-4)
     assert _grad_norm([m.student.layers], late["loss"]) > 0
 

@@ -573,3 +573,73 @@ def test_errors_name_the_argument():
         with pytest.raises(exc) as info:
             call()
         assert str(info.value).startswith(f"{name}:"), (name, str(info.value))
+
+
+# ------------------------------------------------------------------------------------------------
+# What a kernel would read out of bounds is refused up front, on every path (each case below
+# crashed, read garbage or was silently accepted by the fused path before)
+# ------------------------------------------------------------------------------------------------
+
+def _bad_inputs():
+    torch.manual_seed(0)
+    z, bank, labels = torch.randn(6, 8), torch.randn(5, 7, 8), torch.tensor([0, 1, 2, 3, 4, 1])
+    a, kp, bk = torch.randn(10, 8), torch.randn(3, 8), torch.randn(20, 8)
+    ai, ni = torch.randint(0, 10, (3, 4)), torch.randint(0, 20, (3, 4, 5))
+    Z, F, eta = torch.randn(12, 5), torch.randn(12, 8), torch.full((5,), 0.5)
+    logits = torch.randn(1, 3, 4, 4)
+    return {
+        "anchor_idx out of range": (lambda **kw: ops.sampled_contrast(a, kp, bk, ai + 10, ni, **kw), "anchor_idx: expected indices in \\[0, N = 10\\), got 1"),
+        "neg_idx negative": (lambda **kw: ops.sampled_contrast(a, kp, bk, ai, ni - 25, **kw), "neg_idx: expected row indices in \\[0, R = 20\\)"),
+        "sampled D = 0": (lambda **kw: ops.sampled_contrast(a[:, :0], kp[:, :0], bk[:, :0], ai, ni, **kw), "anchors: expected D >= 1"),
+        "bank label >= C": (lambda **kw: ops.class_bank_contrast(z, torch.tensor([0, 1, 2, 3, 4, 9]), bank, **kw), "labels: expected values < C = 5.*got 9"),
+        "bank fill > Q": (lambda **kw: ops.class_bank_contrast(z, labels, bank, fill=torch.tensor([7, 9, 7, 7, 7]), **kw), "fill: expected entry counts in \\[0, Q = 7\\], got 9"),
+        "bank fill < 0": (lambda **kw: ops.class_bank_contrast(z, labels, bank, fill=[7, -1, 7, 7, 7], **kw), "fill: .* got -1"),
+        "bank eps = inf": (lambda **kw: ops.class_bank_contrast(z, labels, bank, eps=float("inf"), **kw), "eps: expected a finite number"),
+        "bank D = 0": (lambda **kw: ops.class_bank_contrast(z[:, :0], labels, bank[:, :, :0], **kw), "z: expected D >= 1"),
+        "graph threshold = nan": (lambda **kw: ops.graph_mix(Z, F, eta, k=4, threshold=float("nan"), **kw), "threshold: expected a confidence in \\[0, 1\\], got nan"),
+        "graph D = 0": (lambda **kw: ops.graph_mix(Z, F[:, :0], eta, k=4, **kw), "F: expected D >= 1"),
+        "class graph label >= num_labels": (lambda **kw: ops.class_propagate(Z[:, :3], torch.full((12,), 4), F, **kw), "y: expected labels in \\[0, 3\\), got 4"),
+        "teacher_stats h = 0": (lambda **kw: ops.teacher_stats(logits[:, :, :0], (8, 8), **kw), "logits: expected a grid of at least 1 x 1"),
+        "entropy_percentile w = 0": (lambda **kw: ops.entropy_percentile(logits[..., :0], [50.0], size=(4, 4), **kw), "logits: expected a grid of at least 1 x 1"),
+    }
+
+
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+@pytest.mark.parametrize("case", list(_bad_inputs()))
+def test_out_of_bounds_inputs_are_refused(case, impl):
+    if impl == "triton" and not _dispatch.KERNELS:
+        pytest.skip("triton not importable")
+    call, message = _bad_inputs()[case]
+    with pytest.raises(ValueError, match=message):
+        call(impl=impl)
+
+
+def _graph_case_with_nan():
+    torch.manual_seed(0)
+    Z, F, eta = torch.randn(2, 12, 5, dtype=torch.float64), torch.randn(2, 12, 8, dtype=torch.float64), torch.full((5,), 0.5)
+    F[1, 3, 2] = float("nan")
+    return Z, F, eta
+
+
+def test_graph_mix_propagates_non_finite_features_as_the_reference(monkeypatch):
+    if "graph_mix" not in _dispatch.KERNELS:
+        pytest.skip("triton not importable")
+    Z, F, eta = _graph_case_with_nan()
+    Z32, F32 = Z.float().requires_grad_(True), F.float()
+    out = {impl: ops.graph_mix(Z32, F32, eta.float(), k=4, impl=impl)[0] for impl in ("triton", "reference")}
+    assert torch.equal(out["triton"].isnan(), out["reference"].isnan())
+    assert out["triton"][1].isnan().all() and not out["triton"][0].isnan().any()  # only the graph holding it
+    torch.testing.assert_close(out["triton"][0], out["reference"][0], rtol=1e-5, atol=1e-6)
+
+
+def test_graph_propagate_with_a_channel_reducing_conv_z():
+    if "class_propagate" not in _dispatch.KERNELS:
+        pytest.skip("triton not importable")
+    torch.manual_seed(0)
+    Z, F, eta = torch.randn(12, 5), torch.randn(12, 8), torch.full((5,), 0.5)
+    conv_z, conv_f = nn.Conv2d(5, 3, 1), nn.Conv2d(8, 8, 1)
+    got = {impl: ops.graph_propagate(Z, F, eta, conv_z, conv_f, k=4, impl=impl) for impl in ("triton", "reference")}
+    for a, b in zip(got["triton"], got["reference"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="conv_z: the official layout needs conv_z to keep the C = 5 classes"):
+        ops.graph_propagate(Z, F, eta, conv_z, conv_f, k=4, official_layout=True, h=3, w=4)

@@ -246,6 +246,33 @@ def check_positive(name: str, value: object) -> float:
     return value
 
 
+def check_range(name: str, x: Tensor, low: int | None, high: int | None, what: str) -> None:
+    """Every value of ``x`` int [...] in [low, high) (None: unbounded): what a kernel would read
+    out of bounds otherwise. Eagerly on the CPU the check is free and names the first bad value; on
+    a GPU reading it back would sync with the host (and a compiled graph cannot branch on it), so
+    ``torch._assert_async`` stops the stream there instead (the message says ``what``), before any
+    kernel reads past its buffer."""
+    if x.numel() == 0:
+        return
+    ok = torch.ones((), dtype=torch.bool, device=x.device)
+    if low is not None:
+        ok = ok & (x >= low).all()
+    if high is not None:
+        ok = ok & (x < high).all()
+    if x.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not bool(ok):
+            bad = x[((x < low) if low is not None else False) | ((x >= high) if high is not None else False)]
+            raise ValueError(f"{name}: expected {what}, got {int(bad.flatten()[0])}")
+    else:
+        torch._assert_async(ok, f"{name}: expected {what}")
+
+
+def check_finite(name: str, value: float) -> float:
+    if not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number, got {value}")
+    return value
+
+
 def check_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name}: expected a Python int, got {type(value).__name__}")

@@ -167,6 +167,10 @@ def sampled_contrast(anchors: Tensor, keys_pos: Tensor, bank: Tensor, anchor_idx
                          f"got {tuple(neg_idx.shape)}")
     if neg_idx.numel() > 0 and bank.shape[0] == 0:
         raise ValueError("bank: expected R >= 1 rows to draw the negatives of neg_idx from")
+    if dim < 1:
+        raise ValueError(f"anchors: expected D >= 1 feature columns, got {tuple(anchors.shape)}")
+    d.check_range("anchor_idx", anchor_idx, 0, anchors.shape[0], f"indices in [0, N = {anchors.shape[0]})")
+    d.check_range("neg_idx", neg_idx, 0, bank.shape[0], f"row indices in [0, R = {bank.shape[0]})")
     temperature = d.check_positive("temperature", temperature)
     if active is not None:
         d.check_like("active", active, "anchors", anchors, dtype=False)
@@ -396,15 +400,19 @@ def class_bank_contrast(z: Tensor, labels: Tensor, bank: Tensor, mode: str = "hc
         raise ValueError("positive: only mode 'lc' takes explicit positives (hc uses the bank)")
     temperature = d.check_positive(
         "temperature", _DEFAULT_TEMPERATURE[mode] if temperature is None else temperature)
-    eps = d.check_real("eps", eps)
+    eps = d.check_finite("eps", d.check_real("eps", eps))
     if not eps >= 0:
         raise ValueError(f"eps: expected >= 0, got {eps}")
+    if dim < 1:
+        raise ValueError(f"z: expected D >= 1 feature columns, got {tuple(z.shape)}")
+    d.check_range("labels", labels, None, c, f"values < C = {c} (negative values mark non-anchors)")
     if fill is not None:
         if not isinstance(fill, Tensor):
             fill = torch.as_tensor(fill, dtype=torch.int64, device=z.device)
         d.check_like("fill", fill, "z", z, dtype=False)
         d.check_dtype("fill", fill, d.INDEX_DTYPES)
         d.check_shape("fill", fill, (c,), "[C]")
+        d.check_range("fill", fill, 0, bank.shape[1] + 1, f"entry counts in [0, Q = {bank.shape[1]}]")
     precision = d.check_choice("precision", "auto" if precision is None else precision,
                                _PRECISIONS)
     impl_mode = _PATH.resolve(impl, "class_bank_contrast", "class_bank_contrast_backward")

@@ -107,18 +107,19 @@ def _reference_intended(logits: Tensor, y: Tensor, X: Tensor) -> Tensor:
     return (q_hat @ X.to(dt)).to(X.dtype)
 
 
-def _lowrank_intended(logits: Tensor, y: Tensor, X: Tensor) -> Tensor:
-    return ref.class_graph_lowrank(torch.softmax(logits.float(), dim=-1), y, X.float()).to(X.dtype)
+def _lowrank_intended(logits: Tensor, y: Tensor, X: Tensor, num_labels: int) -> Tensor:
+    return ref.class_graph_lowrank(torch.softmax(logits.float(), dim=-1), y, X.float(), num_labels).to(X.dtype)
 
 
-def _propagate_intended(op: str, impl: str, logits: Tensor, y: Tensor, X: Tensor) -> Tensor:
+def _propagate_intended(op: str, impl: str, logits: Tensor, y: Tensor, X: Tensor, num_labels: int) -> Tensor:
     """Q^ X under the intended mask for ``op`` (either direction: Q^ is symmetric, dF = Q^ g).
     Where the kernels would run, its fused form is the rank-C torch form (P2 >= 0 makes the graph
     rank C per class: two GEMMs); the kernels stream only the official mask, which is not
     low-rank."""
-    fused = _PATH.launcher(op, impl, X.device) is not None
     args = (logits.contiguous(), y.contiguous(), X.contiguous())  # as a launch hands them on
-    return (_lowrank_intended if fused else _reference_intended)(*args)
+    if _PATH.launcher(op, impl, X.device) is not None:
+        return _lowrank_intended(*args, num_labels)
+    return _reference_intended(*args)
 
 
 @_per_image(0, 1, 2)
@@ -135,11 +136,20 @@ def _reference_propagate_backward(grad: Tensor, logits: Tensor, onehot: Tensor) 
     return (q_hat @ grad.to(dt)).to(grad.dtype)
 
 
+def _nan_where_features_are_not_finite(out: Tensor, F: Tensor) -> Tensor:
+    """``out`` [N, C] (or [B, N, C]) NaN for every node of a graph whose features ``F`` float [N, D]
+    hold a NaN or inf: what the dense reference's similarities give, where the kernels' masked
+    top-k would drop the node and hide it."""
+    bad = ~torch.isfinite(F).flatten(-2).all(-1)
+    return torch.where(bad.view(*bad.shape, 1, 1), float("nan"), out)
+
+
 @torch.library.custom_op("semiseg::graph_mix", mutates_args=())
 def _mix_op(Z: Tensor, F: Tensor, eta: Tensor, k: int, threshold: float,
             impl: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     Z = Z.contiguous()  # the layout the fake promises for Z', whatever the mix below is given
     z_graph, state = _PATH.launch("graph_mix", impl, Z.device, _reference_mix, Z, F, k)
+    z_graph = _nan_where_features_are_not_finite(z_graph, F)
     z = Z.to(z_graph.dtype)
     mask, y = ref.confidence_mask(z, eta, threshold)
     return ref.mix(z, z_graph, mask).to(Z.dtype), y, mask, state
@@ -161,6 +171,7 @@ def _mix_backward_op(grad: Tensor, F: Tensor, mask: Tensor, k: int, impl: str,
     l1, l2 = ref.mix_weights(mask, d.compute_dtype(grad.dtype))
     spread = _PATH.launch("graph_mix_backward", impl, grad.device, _reference_mix_backward,
                           grad, l1, F, k, state)
+    spread = _nan_where_features_are_not_finite(spread, F)
     return (spread + l2.to(spread.dtype) * grad.to(spread.dtype)).to(grad.dtype)
 
 
@@ -194,46 +205,48 @@ def _official_onehot(logits: Tensor, y: Tensor, h: int, w: int) -> Tensor:
 
 @torch.library.custom_op("semiseg::class_propagate", mutates_args=())
 def _propagate_op(logits: Tensor, y: Tensor, F: Tensor, official_layout: bool,
-                  h: int | None, w: int | None, impl: str) -> Tensor:
+                  h: int | None, w: int | None, impl: str, num_labels: int = 0) -> Tensor:
+    # num_labels: the range of y, 0 = the logits' classes C'
     if not official_layout:
-        return _propagate_intended("class_propagate", impl, logits, y, F)
+        return _propagate_intended("class_propagate", impl, logits, y, F, num_labels or logits.shape[-1])
     return _PATH.launch("class_propagate", impl, F.device, _reference_propagate,
                         logits, _official_onehot(logits, y, h, w), F)
 
 
 @_propagate_op.register_fake
-def _(logits, y, F, official_layout, h, w, impl):
+def _(logits, y, F, official_layout, h, w, impl, num_labels=0):
     return F.new_empty(F.shape)
 
 
 @torch.library.custom_op("semiseg::class_propagate_backward", mutates_args=())
 def _propagate_backward_op(grad: Tensor, logits: Tensor, y: Tensor, official_layout: bool,
-                           h: int | None, w: int | None, impl: str) -> Tensor:
+                           h: int | None, w: int | None, impl: str, num_labels: int = 0) -> Tensor:
     if not official_layout:
-        return _propagate_intended("class_propagate_backward", impl, logits, y, grad)
+        return _propagate_intended("class_propagate_backward", impl, logits, y, grad,
+                                   num_labels or logits.shape[-1])
     return _PATH.launch("class_propagate_backward", impl, grad.device,
                         _reference_propagate_backward, grad, logits, _official_onehot(logits, y, h, w))
 
 
 @_propagate_backward_op.register_fake
-def _(grad, logits, y, official_layout, h, w, impl):
+def _(grad, logits, y, official_layout, h, w, impl, num_labels=0):
     return grad.new_empty(grad.shape)
 
 
 def _propagate_setup(ctx, inputs, output):
-    logits, y, _, official_layout, h, w, impl = inputs
+    logits, y, _, official_layout, h, w, impl, num_labels = inputs
     ctx.save_for_backward(logits, y)
-    ctx.config = (official_layout, h, w, impl)
+    ctx.config = (official_layout, h, w, num_labels, impl)
 
 
 def _propagate_backward(ctx, grad):
     logits, y = ctx.saved_tensors
-    official_layout, h, w, impl = ctx.config
+    official_layout, h, w, num_labels, impl = ctx.config
     grad_f = None
     if ctx.needs_input_grad[2]:
         grad_f = torch.ops.semiseg.class_propagate_backward(grad, logits, y, official_layout,
-                                                            h, w, impl)
-    return None, None, grad_f, None, None, None, None
+                                                            h, w, impl, num_labels)
+    return None, None, grad_f, None, None, None, None, None
 
 
 _propagate_op.register_autograd(_propagate_backward, setup_context=_propagate_setup)
@@ -269,6 +282,8 @@ def _check_nodes(Z: Tensor, F: Tensor) -> None:
     d.check_like("F", F, "Z", Z)
     if Z.numel() == 0:
         raise ValueError(f"Z: expected at least one graph, node and class, got {tuple(Z.shape)}")
+    if F.shape[-1] < 1:
+        raise ValueError(f"F: expected D >= 1 feature columns, got {tuple(F.shape)}")
 
 
 def graph_mix(Z: Tensor, F: Tensor, eta: Tensor, k: int = 21, threshold: float = 0.95, *,
@@ -292,13 +307,15 @@ def graph_mix(Z: Tensor, F: Tensor, eta: Tensor, k: int = 21, threshold: float =
     if not 1 <= k <= n:
         raise ValueError(f"k: expected 1 <= k <= N = {n} nodes, got {k}")
     threshold = d.check_real("threshold", threshold)
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold: expected a confidence in [0, 1], got {threshold}")
     mode = _PATH.resolve(impl, "graph_mix", "graph_mix_backward")
     mixed, y, mask, _ = torch.ops.semiseg.graph_mix(Z, F.detach(), eta.detach(), k, threshold, mode)
     return mixed, y, mask
 
 
 def class_propagate(logits: Tensor, y: Tensor, F: Tensor, official_layout: bool = False,
-                    h: int | None = None, w: int | None = None, *,
+                    h: int | None = None, w: int | None = None, *, num_labels: int | None = None,
                     impl: str | None = None) -> Tensor:
     """Second half of the layer: ``F'`` = Q^ F [N, D] in F's dtype, Q^ the class graph of
     softmax(logits), y.
@@ -306,7 +323,8 @@ def class_propagate(logits: Tensor, y: Tensor, F: Tensor, official_layout: bool 
     ``logits`` float [N, C'] (the output of conv_z; a constant here), ``y`` int32 or int64 [N]
     labels from :func:`graph_mix`, ``F`` float [N, D] (or [B, N, *], [B, N]: B graphs). M_ij = [y_i = y_j] by default;
     ``official_layout=True`` (needs h, w) reproduces the official scrambled mask. F gets the
-    gradient Q^ g.
+    gradient Q^ g. ``y`` holds values in [0, ``num_labels``), default C' (graph_propagate passes
+    Z's C, which a channel-reducing conv_z makes larger than C').
     """
     _check_rows("logits", logits, "[N, C]")
     _check_rows("F", F, "[N, D]", ("logits", logits))
@@ -317,8 +335,14 @@ def class_propagate(logits: Tensor, y: Tensor, F: Tensor, official_layout: bool 
     nodes = tuple(logits.shape[:-1])
     d.check_shape("y", y, nodes, "[N]" if len(nodes) == 1 else "[B, N]")
     _check_layout(nodes[-1], official_layout, h, w)
+    c = logits.shape[-1]
+    num_labels = c if num_labels is None else d.check_int("num_labels", num_labels)
+    if num_labels < 1 or (official_layout and num_labels != c):
+        raise ValueError(f"num_labels: expected {'C' if official_layout else 'an int >= 1, default C'} = {c} "
+                         f"(the official layout's one-hot has the logits' classes), got {num_labels}")
+    d.check_range("y", y, 0, num_labels, f"labels in [0, {num_labels})")
     mode = _PATH.resolve(impl, "class_propagate", "class_propagate_backward")
-    return torch.ops.semiseg.class_propagate(logits.detach(), y, F, official_layout, h, w, mode)
+    return torch.ops.semiseg.class_propagate(logits.detach(), y, F, official_layout, h, w, mode, num_labels)
 
 
 def _pointwise(conv: Conv, x: Tensor, h: int, w: int) -> Tensor:
@@ -350,7 +374,10 @@ def graph_propagate(Z: Tensor, F: Tensor, eta: Tensor, conv_z: Conv, conv_f: Con
     hh, ww = (n, 1) if h is None else (h, w)
     z_mixed, y, _ = graph_mix(Z, F, eta, k, threshold, impl=impl)
     z_out = _pointwise(conv_z, z_mixed, hh, ww)
-    f_graph = class_propagate(z_out, y, F, official_layout, h, w, impl=impl)
+    if official_layout and z_out.shape[-1] != Z.shape[-1]:
+        raise ValueError(f"conv_z: the official layout needs conv_z to keep the C = {Z.shape[-1]} classes, "
+                         f"got {z_out.shape[-1]} channels")
+    f_graph = class_propagate(z_out, y, F, official_layout, h, w, num_labels=Z.shape[-1], impl=impl)
     return z_out, _pointwise(conv_f, f_graph, hh, ww)
 
 

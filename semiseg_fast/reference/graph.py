@@ -116,7 +116,7 @@ def class_graph_onehot(P2: Tensor, onehot: Tensor) -> Tensor:
         return _sym_normalise(q)
 
 
-def class_graph_lowrank(P2: Tensor, y: Tensor, X: Tensor) -> Tensor:
+def class_graph_lowrank(P2: Tensor, y: Tensor, X: Tensor, num_labels: int | None = None) -> Tensor:
     """``Q^ X`` float [N, D] (X's dtype) for the intended (label-equality) mask, from
     probabilities ``P2`` float [N, C], labels ``y`` int32 or int64 [N] and ``X`` float [N, D], in
     O(N C^2 D) without any N x N matrix.
@@ -129,6 +129,7 @@ def class_graph_lowrank(P2: Tensor, y: Tensor, X: Tensor) -> Tensor:
     node (a per-node gather of the blocks would be C D per node). Differentiable in X; P2 and y
     carry no gradient. Equal to ``class_graph(P2, y) @ X`` up to rounding (sums are regrouped).
     With a leading batch dimension ([B, N, C], [B, N], [B, N, D]) every image is its own graph.
+    ``num_labels`` (default C): labels lie in [0, num_labels), which may exceed C.
     """
     if (P2.dim() not in (2, 3) or y.shape != P2.shape[:-1] or X.dim() != P2.dim()
             or X.shape[:-1] != P2.shape[:-1]):
@@ -136,7 +137,7 @@ def class_graph_lowrank(P2: Tensor, y: Tensor, X: Tensor) -> Tensor:
                          f"{tuple(P2.shape)}, {tuple(y.shape)}, {tuple(X.shape)}")
     c = P2.shape[-1]
     unit = _unit_rows(P2.detach())
-    onehot = nnf.one_hot(y.long(), c).to(unit.dtype)
+    onehot = nnf.one_hot(y.long(), c if num_labels is None else num_labels).to(unit.dtype)
     weights = (onehot[..., :, None] * unit[..., None, :]).flatten(-2)  # [..., N, C * C]
     class_sums = weights.sum(dim=-2, keepdim=True)  # s_c, flattened [..., 1, C * C]
     e = torch.pow(weights @ class_sums.transpose(-1, -2) + 1e-10, -0.5)  # [..., N, 1]
