@@ -215,12 +215,12 @@ def _write(out: Path, results: list[dict], env: dict[str, str], dry_run: bool, t
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m profiling.gpu_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="folder for gpu_check.csv, bench.csv, report.md")
-    parser.add_argument("--budget", type=float, help="seconds for the whole plan (default 480; dry run 1200, "
+    parser.add_argument("--budget", type=float, help="seconds for the whole plan (default 480; dry run 2400, "
                                                      "the interpreter being slow)")
     parser.add_argument("--dry-run", action="store_true", help="the same plan on CPU at toy sizes")
     args = parser.parse_args(argv)
     if args.budget is None:
-        args.budget = 1200.0 if args.dry_run else 480.0
+        args.budget = 2400.0 if args.dry_run else 480.0
     if not args.budget > 0:
         parser.error(f"--budget: expected a positive number of seconds, got {args.budget}")
     if args.dry_run:
