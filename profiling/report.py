@@ -263,8 +263,9 @@ def render_plots(rows: list[Row], stem: Path) -> list[Path]:
     return written
 
 
-def update_readme(readme: Path, text: str) -> None:
-    """Replace the marked results block of ``readme`` (atomically)."""
+def update_readme(readme: Path, text: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replace the block of ``readme`` between the ``begin`` and ``end`` markers (atomically)."""
+    BEGIN, END = begin, end  # noqa: N806 (the module's markers by default)
     body = readme.read_text()
     if BEGIN not in body or END not in body or body.index(BEGIN) > body.index(END):
         raise ValueError(f"readme: {readme} has no '{BEGIN}' ... '{END}' block to replace")

@@ -150,3 +150,58 @@ def test_bank_and_graph_methods_train_on_cuda_with_compile(tmp_path, method):
     cfg = tiny(tmp_path, method=method, iters=4, device="cuda", compile="on", u2pl_sup_only=0.0)
     metrics = Trainer(cfg, echo=lambda *a: None).train()
     assert metrics is not None and metrics.miou == metrics.miou
+
+
+@pytest.mark.parametrize("method", ["fixmatch", "mllc"])
+def test_hidden_labels_of_unlabeled_images_never_reach_a_loss(tmp_path, method, monkeypatch):
+    """The diagnostics score pseudo-labels with the labels of unlabeled images: replacing those labels
+    by noise must leave training bit for bit as it was and change only the diagnostics."""
+    from semiseg_fast.data import build_dataset
+    from semiseg_fast.data.splits import parse_labeled
+    from semiseg_fast.engine import trainer as trainer_module
+
+    def scrambled(cfg):
+        data = build_dataset(cfg)
+        _, unlabeled = data.split(parse_labeled(cfg.labeled), cfg.data_seed)
+        labels = data.train_labels.clone()
+        noise = torch.randint(0, data.num_classes, labels[unlabeled].shape, generator=torch.Generator().manual_seed(0))
+        labels[unlabeled] = noise.to(labels.dtype)
+        data.train_labels = labels
+        return data
+
+    results = []
+    for name, loader in (("plain", build_dataset), ("scrambled", scrambled)):
+        monkeypatch.setattr(trainer_module, "build_dataset", loader)
+        cfg = tiny(tmp_path, method=method, iters=4, eval_every=2, deterministic=True, out=str(tmp_path / name))
+        t = Trainer(cfg)
+        t.train()
+        results.append((t.method.state_dict(), _logged(tmp_path / name, "diag/pl_acc"),
+                        _logged(tmp_path / name, "train/loss")))
+    (state_a, diag_a, loss_a), (state_b, diag_b, loss_b) = results
+    assert state_a.keys() == state_b.keys()
+    for k in state_a:
+        assert torch.equal(state_a[k], state_b[k]), k
+    assert loss_a == loss_b
+    assert len(diag_a) == 2 and diag_a != diag_b  # the diagnostics did read them
+
+
+@pytest.mark.parametrize("method", ["supervised", "fixmatch", "unimatch", "ipixmatch", "u2pl", "ctt", "mllc"])
+def test_every_method_logs_diagnostics_and_its_switch(tmp_path, method, capsys):
+    cfg = tiny(tmp_path, method=method, iters=2, eval_every=2, log_every=1, batch_size=2)
+    t = Trainer(cfg)
+    t.train()
+    with open(tmp_path / "run" / "metrics.csv") as f:
+        tags = {r["tag"]: float(r["value"]) for r in csv.DictReader(f)}
+    for name in ("pl_acc", "pl_acc_objects", "confident_share", "confident_share_objects", "confident_acc"):
+        assert 0.0 <= tags[f"diag/{name}"] <= 1.0, name
+    switches = type(t.method).SWITCHES
+    for key in switches:
+        assert 0.0 <= tags[f"switch/{key}"] <= 1.0
+        if tags[f"switch/{key}"] == 0:  # never on in 2 iterations: said at the end, not silently
+            assert f"{switches[key]} never switched on" in capsys.readouterr().out
+    if method == "mllc":
+        assert {"diag/before_graph_acc", "diag/graph_kept", "diag/graph_degree"} <= tags.keys()
+    if method == "unimatch":
+        assert 0.0 <= tags["train/fp_agree"] <= 1.0
+    if method in ("u2pl", "ctt"):
+        assert 0.0 <= tags["train/bank_fill"] <= 1.0

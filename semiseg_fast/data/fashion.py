@@ -77,6 +77,7 @@ __all__ = [
     "load_garments",
     "locate_fashion_files",
     "read_idx",
+    "render_garment_crops",
     "scene_layout",
 ]
 
@@ -325,10 +326,15 @@ def _background(u: list[float], height: int, width: int) -> torch.Tensor:
 
 def _render_scene(u: list[float], noise: torch.Tensor, garments: Garments) -> tuple[torch.Tensor, torch.Tensor]:
     height, width = noise.shape[-2:]
-    glob = u[_MAX_GARMENTS * _SLOT_DRAWS + 1:]
+    return _composite(u[_MAX_GARMENTS * _SLOT_DRAWS + 1:], noise, garments, _layout(u, len(garments), height, width))
+
+
+def _composite(glob: list[float], noise: torch.Tensor, garments: Garments, layout: list[Placement]
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    height, width = noise.shape[-2:]
     image = _background(glob, height, width)
     labels = torch.zeros(height, width, dtype=torch.uint8)
-    for p in _layout(u, len(garments), height, width):
+    for p in layout:
         g = _resize(garments.images[p.garment].double(), p.side)
         on = g > GARMENT_THRESHOLD
         g = g / 255.0
@@ -366,6 +372,30 @@ def generate_fashion_scenes(
             if progress and ((k + 1) % 64 == 0 or k + 1 == n):
                 print(f"\rfashion {progress}: {k + 1}/{n} images", end="\n" if k + 1 == n else "",
                       file=sys.stderr, flush=True)
+    return images, labels
+
+
+def render_garment_crops(garments: Garments, seed: int, indices: range | Sequence[int], size: int,
+                         side: tuple[float, float] = (0.55, 0.9)) -> tuple[torch.Tensor, torch.Tensor]:
+    """Classification samples for backbone pretraining (``semiseg_fast.pretrain``): sample ``i`` of
+    ``indices`` is one garment of the pool drawn as a scene draws it (rescaled, tinted, over a scene
+    background, with gain and noise) on a ``size`` x ``size`` image, its side ``side`` (fractions)
+    of the image, at a random position. Returns images uint8 [n, 3, size, size] and the garments'
+    Fashion-MNIST labels int64 [n] (0-9). Sample ``i`` of ``seed`` is the same alone or in a batch."""
+    indices = list(indices)
+    images = torch.empty(len(indices), 3, size, size, dtype=torch.uint8)
+    labels = torch.empty(len(indices), dtype=torch.long)
+    with _one_thread():
+        for k, index in enumerate(indices):
+            uniforms, noise = _draws(seed, index, size, size)
+            u = uniforms.tolist()
+            g, frac, top, left, hue, sat, val = u[:_SLOT_DRAWS]
+            pixels = max(1, int(math.floor(_lerp(frac, *side) * size + 0.5)))
+            placement = Placement(garment=_pick(g, len(garments)), top=_pick(top, size - pixels + 1),
+                                  left=_pick(left, size - pixels + 1), side=pixels,
+                                  tint=_rgb(hue, _lerp(sat, 0.3, 1.0), _lerp(val, 0.6, 1.0)))
+            images[k] = _composite(u[_MAX_GARMENTS * _SLOT_DRAWS + 1:], noise, garments, [placement])[0]
+            labels[k] = int(garments.labels[placement.garment])
     return images, labels
 
 

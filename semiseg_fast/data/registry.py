@@ -64,6 +64,14 @@ class SegData:
             yield (images[start : start + batch_size].to(device, non_blocking=True).float().div_(255),
                    labels[start : start + batch_size].to(device, non_blocking=True).long())
 
+    def diagnostic_images(self, indices: torch.Tensor, *, device: torch.device, limit: int = 32
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """For the logged diagnostics only: the first ``limit`` training images of ``indices`` int [n],
+        whole, as images float [b, 3, H, W] in [0, 1] and their labels int64 [b, H, W] on ``device``.
+        The trainer scores pseudo-labels of unlabeled images with them; no loss ever sees them."""
+        idx = torch.as_tensor(indices, dtype=torch.long)[:limit]
+        return (self.train_images[idx].to(device).float().div_(255), self.train_labels[idx].to(device).long())
+
     def num_val_batches(self, batch_size: int, rank: int = 0, world: int = 1) -> int:
         return -(-self.val_images[rank::world].shape[0] // batch_size)
 

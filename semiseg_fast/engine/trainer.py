@@ -12,6 +12,13 @@ The run directory is one run's: a directory that already holds one is refused un
 iteration) or ``overwrite`` (start again). SIGTERM and SIGINT stop the loop after the current
 iteration and write ``latest.pt``; ``latest.pt`` holds what resume needs, ``best.pt`` the weights of
 the best evaluated model and the config only.
+
+Diagnostics (``diag/*`` in ``metrics.csv``, at every evaluation): the labels of up to
+``DIAGNOSTIC_IMAGES`` unlabeled training images are held by the trainer, apart from every batch,
+and score what the method would teach on them (``Method.pseudo_label_report``): pseudo-label
+accuracy on all and on object pixels, the share its confidence rule passes and their accuracy.
+``switch/<name>`` is the share of iterations in which the method's extra term was on
+(``Method.SWITCHES``); a term that never switched on is reported at the end of the run.
 """
 from __future__ import annotations
 
@@ -65,6 +72,7 @@ def configure_determinism(deterministic: bool, device: torch.device) -> None:
 
 
 MAX_SKIPPED_IN_A_ROW = 5
+DIAGNOSTIC_IMAGES = 32
 #: files that make a directory hold a run
 RUN_FILES = ("latest.pt", "best.pt", "metrics.csv", "config.json")
 #: options a resumed run must share with its checkpoint (else it would be another run) ...
@@ -171,6 +179,10 @@ class Trainer:
             for k in range(1 + self.method.extra_unlabeled_batches):
                 self.streams[f"unlabeled{k}"] = stream(unlabeled_idx, labeled=False,
                                                        batch_size=cfg.unlabeled_batch_size, seed=cfg.seed * 7 + 2 + k)
+        # labels of some unlabeled images, held here for the diagnostics only: never in a batch
+        diagnostic_images = getattr(self.data, "diagnostic_images", None)
+        self._diag = (diagnostic_images(unlabeled_idx, device=self.device, limit=DIAGNOSTIC_IMAGES)
+                      if diagnostic_images is not None and unlabeled_idx.numel() else None)
         self.optimizer = build_sgd(*self.method.param_groups(), lr=cfg.lr, head_lr_mult=cfg.head_lr_mult,
                                    momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         self.finite_step = FiniteStep(self.optimizer, [b for net in self.method.students() for b in net.buffers()])
@@ -212,6 +224,7 @@ class Trainer:
         self._progress = torch.zeros((), dtype=torch.float32, device=self.device)
         self._acc: dict[str, torch.Tensor] = {}
         self._acc_n = 0
+        self._switch_steps = {k: torch.zeros((), dtype=torch.long, device=self.device) for k in self.method.SWITCHES}
 
         if not self.dist.is_main:  # one process writes the run directory and talks to the user
             self.echo = lambda *args, **kwargs: None
@@ -304,6 +317,8 @@ class Trainer:
                     v = v.detach().float()
                     self._acc[k] = self._acc[k] + v if k in self._acc else v
                 self._acc_n += 1
+                for k in self._switch_steps:
+                    self._switch_steps[k] += out[k].detach() > 0
                 if bar is not None:
                     bar.update(1)
                 last = self.step == stop
@@ -314,11 +329,12 @@ class Trainer:
                     means = dict(zip(keys, (sums / self._acc_n).tolist()))
                     means["lr"] = self.lr
                     means["skipped_steps"] = skipped
+                    switches = {f"switch/{k}": v / self.step for k, v in self.switch_steps().items()}
                     self._acc, self._acc_n = {}, 0
                     ips = (self.step - s0) * images_per_step * self.dist.world / max(time.perf_counter() - t0, 1e-9)
                     if self.logger is not None:
                         self.logger.log(self.step, {f"train/{k}": v for k, v in means.items()}
-                                        | {"train/images_per_s": ips})
+                                        | {"train/images_per_s": ips} | switches)
                     if bar is not None:
                         bar.set_postfix(loss=f"{means['loss']:.3f}", lr=f"{means['lr']:.2e}", img_s=f"{ips:.1f}")
                 do_eval = (cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == cfg.iters
@@ -331,12 +347,50 @@ class Trainer:
                     self.echo(f"\n{signal.Signals(self._stop_signal).name}: stopped at iteration {self.step}; "
                               f"{self.run_dir / 'latest.pt'} saved, continue with --resume")
                     raise Interrupted(self._stop_signal)
+            if self.step == cfg.iters and s0 < self.step:
+                for k, steps in self.switch_steps().items():
+                    if steps == 0:
+                        self.echo(f"note: {cfg.method}: {self.method.SWITCHES[k]} never switched on in this run "
+                                  f"({k} was 0 in all {self.step} iterations)")
         finally:
             for sig, handler in handlers.items():
                 signal.signal(sig, signal.SIG_DFL if handler is None else handler)
             if bar is not None:
                 bar.close()
         return self.last_metrics
+
+    def switch_steps(self) -> dict[str, int]:
+        """Iterations so far in which each of the method's ``SWITCHES`` was on (one sync)."""
+        if not self._switch_steps:
+            return {}
+        counts = self.dist.all_reduce(torch.stack(list(self._switch_steps.values())), "max").tolist()
+        return dict(zip(self._switch_steps, (int(c) for c in counts)))
+
+    @torch.no_grad()
+    def diagnostics(self) -> dict[str, float]:
+        """``diag/*`` scalars: the method's pseudo-labels on the held unlabeled images against their labels."""
+        x, y = self._diag
+        known = y != self.data.ignore_index
+        report = self.method.pseudo_label_report(x, torch.ones_like(known))
+        objects = known & (y != 0)  # class 0 is the background in every data set here
+        keep = report["keep"] & known
+
+        def share(hit: torch.Tensor, among: torch.Tensor) -> torch.Tensor:
+            return (hit & among).sum() / among.sum().clamp(min=1)
+
+        right = report["label"] == y
+        out = {"pl_acc": share(right, known), "pl_acc_objects": share(right, objects),
+               "confident_share": share(keep, known), "confident_share_objects": share(keep, objects),
+               "confident_acc": share(right, keep), "confident_acc_objects": share(right, keep & objects)}
+        for name, value in report.items():
+            if name.startswith("pred/"):
+                out[name[len("pred/"):] + "_acc"] = share(value == y, known)
+                out[name[len("pred/"):] + "_acc_objects"] = share(value == y, objects)
+            elif name not in ("label", "keep"):
+                out[name] = value
+        keys = list(out)
+        values = torch.stack([out[k].float() for k in keys]).tolist()
+        return {f"diag/{k}": v for k, v in zip(keys, values)}
 
     def run_eval(self) -> SegMetrics:
         with nvtx_range("eval"):
@@ -347,6 +401,8 @@ class Trainer:
         self.last_metrics = metrics
         scalars = {"val/mIoU": metrics.miou, "val/pixel_acc": metrics.pixel_acc}
         scalars |= {f"val/IoU/{n}": v for n, v in zip(self.data.class_names, metrics.iou)}
+        if self._diag is not None:
+            scalars |= self.diagnostics()
         if self.logger is not None:
             self.logger.log(self.step, scalars)
         if metrics.miou > self.best_miou:
@@ -377,6 +433,7 @@ class Trainer:
             "method": self.method.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "streams": {k: s.state_dict() for k, s in self.streams.items()},
+            "switch_steps": self.switch_steps(),
             "rng": rng,
             "config": self.cfg.to_dict(),
         }
@@ -428,3 +485,6 @@ class Trainer:
         self.step = int(state["step"])
         self.best_miou = float(state["best_miou"])
         self._step_t.fill_(self.step)
+        for k, steps in state.get("switch_steps", {}).items():
+            if k in self._switch_steps:
+                self._switch_steps[k].fill_(int(steps))

@@ -14,6 +14,12 @@ The engine drives every method the same way, once per iteration:
 3. backward and the optimizer step (engine);
 4. ``after_step(step)`` - no-grad state updates: EMA teachers, memory banks, running statistics.
 
+For the diagnostics the engine logs at every evaluation, ``pseudo_label_report(x, valid)`` says
+what the method would teach on whole unlabeled images: the pseudo-labels of its labelling network
+and which pixels its confidence rule lets through (``is_confident``). The engine scores them
+against the labels of those images, which it holds apart: no method call ever receives them.
+``SWITCHES`` names the training outputs that say whether the method's own extra term ran.
+
 Several student/teacher pairs (CTT), memory banks (U2PL, CTT) and graph heads (MLLC) are ordinary
 sub-modules and buffers of the method, so ``state_dict`` checkpoints all of them; ``students()``
 lists the networks the optimizer trains and ``teachers()`` those kept in eval mode.
@@ -28,6 +34,7 @@ from torch import nn
 from ..collectives import DistEnv
 from ..errors import ConfigError
 from ..models import build_model
+from .common import upsample
 from .options import Options
 
 Batch = dict[str, torch.Tensor]
@@ -49,6 +56,8 @@ class Method(nn.Module):
     ddp_find_unused_parameters = False
     #: the process group view (set by the engine); single process by default
     dist = DistEnv()
+    #: outputs of ``losses`` (float 0-d, > 0 when on) that say the method's extra term ran -> what it is
+    SWITCHES: dict[str, str] = {}
 
     def __init__(self, cfg, num_classes: int):
         # cfg: the run's configuration (``semiseg_fast.config.TrainConfig``, which holds every
@@ -96,6 +105,35 @@ class Method(nn.Module):
     def eval_model(self) -> nn.Module:
         """The network whose predictions are evaluated and reported."""
         return self.student
+
+    def labeler(self) -> nn.Module:
+        """The network whose weak-view predictions are the pseudo-labels."""
+        return self.eval_model()
+
+    def is_confident(self, prob: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """The confidence rule: bool [B, H, W], the pixels of ``prob`` float [B, C, H, W] (softmax of
+        the labeler) whose pseudo-label the unsupervised loss uses; ``valid`` bool [B, H, W]."""
+        return (prob.amax(1) >= self.cfg.conf_thresh) & valid
+
+    def report_extras(self, out: dict, prob: torch.Tensor, valid: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Method-specific diagnostics of the labeler's output ``out``: ``"pred/<name>"`` int64
+        [B, H, W] label maps (scored like the pseudo-labels) and float 0-d scalars."""
+        return {}
+
+    @torch.no_grad()
+    def pseudo_label_report(self, x: torch.Tensor, valid: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Diagnostics only: ``label`` int64 [B, H, W] and ``keep`` bool [B, H, W] (``is_confident``)
+        of images ``x`` float [B, 3, H, W] with ``valid`` bool [B, H, W], plus ``report_extras``.
+        The labeler runs in eval mode and is put back; no state, RNG or statistic changes."""
+        net = self.labeler()
+        was_training = net.training
+        net.eval()
+        try:
+            out = net(x)
+        finally:
+            net.train(was_training)
+        prob = upsample(out["logits"], x.shape[-2:]).softmax(1)
+        return {"label": prob.argmax(1), "keep": self.is_confident(prob, valid)} | self.report_extras(out, prob, valid)
 
     def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         backbone, head = [], []

@@ -81,6 +81,7 @@ class CTT(Method):
     ARCH = "deeplabv2"
     OPTIONS = CTTOptions
     SYNTHETIC = {}  # the paper's sizes already fit the CPU preset
+    SWITCHES = {"contrast_on": "the HC/LC contrasts (they wait until every class bank is full)"}
 
     def __init__(self, cfg, num_classes):
         super().__init__(cfg, num_classes)
@@ -155,7 +156,12 @@ class CTT(Method):
             total = total + loss_s + loss_ct + cfg.ctt_hc_weight * loss_hc + cfg.ctt_lc_weight * loss_lc
             for k, v in (("s", loss_s), ("ct", loss_ct), ("hc", loss_hc), ("lc", loss_lc), ("w", weight)):
                 logs[f"loss_{k}{l}" if k != "w" else f"pl_weight{l}"] = v.detach()
-        return {"loss": total, **logs, "contrast_on": contrast_on.float()}
+        fill = torch.stack([(bank.fill.float() / bank.capacity.float()).mean() for bank in self.banks]).mean()
+        return {"loss": total, **logs, "contrast_on": contrast_on.float(), "bank_fill": fill}
+
+    def is_confident(self, prob, valid):
+        # CTT trains on every pixel, weighted by the share that reaches this confidence
+        return (prob.amax(1) >= PL_WEIGHT_THRESH) & valid
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:

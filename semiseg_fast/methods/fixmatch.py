@@ -18,6 +18,7 @@ from .ema import EMA, ema_decay
 
 class FixMatch(Method):
     name = "fixmatch"
+    SWITCHES = {"mask_ratio": "the unsupervised loss (pixels at --conf-thresh)"}
 
     def __init__(self, cfg, num_classes):
         super().__init__(cfg, num_classes)

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from ..data.augment import mix
 from ..models.graph_head import CONF, EMBED, MLLCNet
 from ..nvtx import nvtx_range
+from ..reference.graph import confidence_mask
 from .bank import prototypes
 from .base import Batch, Method
 from .common import (
@@ -123,6 +124,7 @@ class MLLC(Method):
     ARCH = "deeplabv2"
     OPTIONS = MLLCOptions
     SYNTHETIC = {"mllc_proto_start": 0.1}
+    SWITCHES = {"proto_on": "the prototype loss (after --mllc-proto-start)"}
 
     def __init__(self, cfg, num_classes):
         super().__init__(cfg, num_classes)
@@ -186,4 +188,19 @@ class MLLC(Method):
         loss = (terms["x"] + terms["u"] + cfg.mllc_proto_weight * proto_on * terms["proto"]
                 + cfg.mllc_affinity_weight * terms["aff"])
         return {"loss": loss, **{f"loss_{k}": v.detach() for k, v in terms.items()},
-                "pl_weight": weight.detach()}
+                "pl_weight": weight.detach(), "proto_on": proto_on}
+
+    def is_confident(self, prob, valid):
+        # MLLC trains on every pixel, weighted by the share that reaches this confidence
+        return (prob.amax(1) >= PL_WEIGHT_THRESH) & valid
+
+    def report_extras(self, out, prob, valid):
+        """The labels before the graph rounds (scored like the pseudo-labels, which come after them:
+        the two accuracies show what label propagation adds), the share of nodes whose own label the
+        graph keeps (eta-gated confidence) and the class graph's mean degree as a share of the image."""
+        z0 = out["levels"][0][0].float()
+        first = upsample(z0, prob.shape[-2:]).argmax(1)
+        nodes = z0.flatten(2).transpose(1, 2)  # [B, h w, C]
+        keep, label = confidence_mask(nodes, self.student.eta(), CONF)
+        same = (label.unsqueeze(2) == label.unsqueeze(1)).float().mean((1, 2))
+        return {"pred/before_graph": first, "graph_kept": keep.float().mean(), "graph_degree": same.mean()}

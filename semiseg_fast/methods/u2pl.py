@@ -90,6 +90,7 @@ class U2PL(Method):
     name = "u2pl"
     ARCH = "deeplabv3plus_u2pl"
     ddp_find_unused_parameters = True  # the rep head is idle during the supervised burn-in
+    SWITCHES = {"contrast_classes": "the contrastive loss (classes with anchors and negatives)"}
     OPTIONS = U2PLOptions
     # CPU preset: the UniMatch DeepLabV3+ (OS 16, the supervised baseline's model, half the cost
     # of U2PL's OS-8 512-channel decoder) with a rep head; 16 images of 16 x 16 rep pixels per
@@ -171,7 +172,8 @@ class U2PL(Method):
                 logits = upsample(self.student(x_l)["logits"], size)
             loss_x = supervised_ce(logits, y_l)
             zero = loss_x.detach() * 0
-            return {"loss": loss_x, "loss_x": loss_x.detach(), "loss_u": zero, "loss_c": zero, "kept_ratio": zero}
+            return {"loss": loss_x, "loss_x": loss_x.detach(), "loss_u": zero, "loss_c": zero, "kept_ratio": zero,
+                    "contrast_classes": zero, "bank_fill": self.bank_fill()}
         with nvtx_range("student"):
             out = self.student(torch.cat((x_l, batch["x_mix"])))
             logits_l, logits_u = upsample(out["logits"], size).split([x_l.shape[0], batch["x_mix"].shape[0]])
@@ -187,7 +189,19 @@ class U2PL(Method):
         loss = loss_x + loss_u + self.cfg.u2pl_contrast_weight * loss_c
         kept = (batch["target_u"] != IGNORE).float().mean()
         return {"loss": loss, "loss_x": loss_x.detach(), "loss_u": loss_u.detach(), "loss_c": loss_c.detach(),
-                "kept_ratio": kept}
+                "kept_ratio": kept, "contrast_classes": batch["active"].float().sum(), "bank_fill": self.bank_fill()}
+
+    def bank_fill(self) -> torch.Tensor:
+        """float32 []: the negative queues' mean fill fraction over the classes."""
+        return (self.bank.fill.float() / self.bank.capacity.float()).mean()
+
+    def is_confident(self, prob, valid):
+        # U2PL keeps the pixels below the drop percentile of the entropy (no absolute threshold)
+        ent = -(prob * prob.clamp_min(1e-12).log()).sum(1)
+        if not bool(valid.any()):
+            return valid
+        t_drop = torch.quantile(ent[valid].float(), (100 - DROP * (1 - self.step / self.cfg.iters)) / 100)
+        return (ent < t_drop) & valid
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:

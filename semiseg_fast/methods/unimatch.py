@@ -23,6 +23,7 @@ WEIGHTS = {"x": 0.5, "s1": 0.125, "s2": 0.125, "fp": 0.25}
 
 class UniMatch(Method):
     name = "unimatch"
+    SWITCHES = {"mask_ratio": "the unsupervised losses (pixels at --conf-thresh)"}
     extra_unlabeled_batches = 1  # the mix batch: x_u1, pad_u1
 
     def __init__(self, cfg, num_classes):
@@ -80,7 +81,8 @@ class UniMatch(Method):
                 "s2": confident_ce(logits_s2, *t["s2"][:2], thresh, t["s2"][2]),
                 "fp": confident_ce(logits_fp, *t["w"][:2], thresh, t["w"][2]),
             }
-        extras = {"logits_w": logits_w.detach(), "logits_s1": logits_s1, "logits_s2": logits_s2}
+        extras = {"logits_w": logits_w.detach(), "logits_s1": logits_s1, "logits_s2": logits_s2,
+                  "logits_fp": logits_fp.detach()}
         return terms, extras | {"targets": t}
 
     def losses(self, batch: Batch, progress):
@@ -92,5 +94,8 @@ class UniMatch(Method):
         """The step's outputs from the total ``loss`` and the ``terms`` (float 0-d tensors): the
         detached terms and the confident share of the weak view's valid pixels, float32 []."""
         pl, conf, valid = extras["targets"]["w"]
-        mask_ratio = ((conf >= self.cfg.conf_thresh) & valid).float().mean()
-        return {"loss": loss, **{f"loss_{k}": v.detach() for k, v in terms.items()}, "mask_ratio": mask_ratio}
+        keep = (conf >= self.cfg.conf_thresh) & valid
+        # the feature-perturbed view agrees with the labels it learns on the pixels it learns them
+        fp_agree = ((extras["logits_fp"].argmax(1) == pl) & keep).sum() / keep.sum().clamp(min=1)
+        return {"loss": loss, **{f"loss_{k}": v.detach() for k, v in terms.items()}, "mask_ratio": keep.float().mean(),
+                "fp_agree": fp_agree}
