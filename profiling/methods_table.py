@@ -31,8 +31,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from semiseg_fast.fileio import atomic_write_text
-
 from .harness import RESULTS, read_rows, stamp, write_rows
 from .report import update_readme
 
