@@ -208,7 +208,8 @@ class Classifier(nn.Module):
 @torch.no_grad()
 def accuracy(model: Classifier, images: torch.Tensor, boxes: torch.Tensor, size: int, batch: int = 256
              ) -> tuple[float, list[float]]:
-    """Top-1 accuracy of centred crops and per-class accuracy (NaN for a class without crops)."""
+    """Top-1 accuracy of the centred crops of ``boxes`` int64 [M, 6] of ``images`` uint8 [N, 3, S, S]
+    and the per-class accuracy (NaN for a class without crops), as Python floats."""
     model.eval()
     pred = torch.cat([model(crops(images, boxes[i:i + batch], size)).argmax(1) for i in range(0, len(boxes), batch)])
     target = boxes[:, 1] - 1

@@ -25,7 +25,7 @@ ROOMS = {
     "data": ("semiseg_fast.data",),
     "methods": ("semiseg_fast.methods",),
     "engine": ("semiseg_fast.engine",),
-    "cli": ("semiseg_fast.config", "semiseg_fast.cli", "train"),
+    "cli": ("semiseg_fast.config", "semiseg_fast.cli", "semiseg_fast.pretrain", "train"),
 }
 #: room -> the rooms it may import besides itself
 BELOW = {
