@@ -295,6 +295,10 @@ class ClassMemoryBank(nn.Module):
         """Bool [C]: which queues are full."""
         return self.fill >= self.capacity
 
+    def fill_fraction(self) -> Tensor:
+        """float32 []: the queues' mean fill fraction over the classes (a device value, no sync)."""
+        return (self.fill.float() / self.capacity.float()).mean()
+
     def is_full(self) -> Tensor:
         """0-d device bool: every queue full (CTT's switch for its contrastive terms)."""
         return self.full().all()

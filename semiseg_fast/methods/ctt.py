@@ -156,7 +156,7 @@ class CTT(Method):
             total = total + loss_s + loss_ct + cfg.ctt_hc_weight * loss_hc + cfg.ctt_lc_weight * loss_lc
             for k, v in (("s", loss_s), ("ct", loss_ct), ("hc", loss_hc), ("lc", loss_lc), ("w", weight)):
                 logs[f"loss_{k}{l}" if k != "w" else f"pl_weight{l}"] = v.detach()
-        fill = torch.stack([(bank.fill.float() / bank.capacity.float()).mean() for bank in self.banks]).mean()
+        fill = torch.stack([bank.fill_fraction() for bank in self.banks]).mean()
         return {"loss": total, **logs, "contrast_on": contrast_on.float(), "bank_fill": fill}
 
     def is_confident(self, prob, valid):

@@ -173,7 +173,7 @@ class U2PL(Method):
             loss_x = supervised_ce(logits, y_l)
             zero = loss_x.detach() * 0
             return {"loss": loss_x, "loss_x": loss_x.detach(), "loss_u": zero, "loss_c": zero, "kept_ratio": zero,
-                    "contrast_classes": zero, "bank_fill": self.bank_fill()}
+                    "contrast_classes": zero, "bank_fill": self.bank.fill_fraction()}
         with nvtx_range("student"):
             out = self.student(torch.cat((x_l, batch["x_mix"])))
             logits_l, logits_u = upsample(out["logits"], size).split([x_l.shape[0], batch["x_mix"].shape[0]])
@@ -189,11 +189,7 @@ class U2PL(Method):
         loss = loss_x + loss_u + self.cfg.u2pl_contrast_weight * loss_c
         kept = (batch["target_u"] != IGNORE).float().mean()
         return {"loss": loss, "loss_x": loss_x.detach(), "loss_u": loss_u.detach(), "loss_c": loss_c.detach(),
-                "kept_ratio": kept, "contrast_classes": batch["active"].float().sum(), "bank_fill": self.bank_fill()}
-
-    def bank_fill(self) -> torch.Tensor:
-        """float32 []: the negative queues' mean fill fraction over the classes."""
-        return (self.bank.fill.float() / self.bank.capacity.float()).mean()
+                "kept_ratio": kept, "contrast_classes": batch["active"].float().sum(), "bank_fill": self.bank.fill_fraction()}
 
     def is_confident(self, prob, valid):
         # U2PL keeps the pixels below the drop percentile of the entropy (no absolute threshold)
