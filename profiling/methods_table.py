@@ -50,7 +50,7 @@ _TEACHER = {"ema-decay": 0.95}
 PRESETS: dict[str, dict[str, object]] = {
     "fixmatch": {"conf-thresh": 0.8} | _TEACHER, "unimatch": {"conf-thresh": 0.8},
     "ipixmatch": {"conf-thresh": 0.8}, "u2pl": _TEACHER, "ctt": _TEACHER,
-    # at a 10x head (0.05) MLLC's loss went NaN from iteration 20 of the fashion 1/16 run on
+    # at a 10x head (0.05) MLLC's loss went NaN from iteration 20 of the fashion 1/16 run
     "mllc": {"head-lr-mult": 1.0},
 }
 FIXED = ["data", "method", "fraction", "seed", "iters", "budget", "preset", "pretrained"]
