@@ -72,6 +72,8 @@ class PretrainConfig:
     held_out: int | None = None
     image_size: int | None = None
     crop: int = 40
+    #: fashion: a garment's side as fractions of the image, drawn uniformly
+    garment_side: tuple[float, float] = (0.55, 0.9)
     epochs: int | None = None
     batch_size: int = 128
     lr: float = 2e-3
@@ -94,6 +96,10 @@ class PretrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(self, name)}")
         if self.image_size < 16 or self.crop < 16:
             raise ConfigError(f"--image-size and --crop must be >= 16, got {self.image_size} and {self.crop}")
+        lo, hi = (float(v) for v in self.garment_side)
+        if not (0 < lo <= hi <= 1):
+            raise ConfigError(f"--garment-side: expected 0 < LO <= HI <= 1, got {lo} {hi}")
+        self.garment_side = (lo, hi)
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"--lr: must be a positive number, got {self.lr}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
@@ -141,7 +147,7 @@ def _samples(cfg: PretrainConfig, held_out: bool) -> tuple[torch.Tensor, torch.T
 
         garments = load_garments("val" if held_out else "train", cfg.root or None)
         indices = range(PRETRAIN_OFFSET, PRETRAIN_OFFSET + count)
-        images, labels = render_garment_crops(garments, cfg.seed, indices, cfg.image_size)
+        images, labels = render_garment_crops(garments, cfg.seed, indices, cfg.image_size, side=cfg.garment_side)
         # the whole image is the sample: a box that MARGIN enlarges to the image
         s = cfg.image_size
         inner = round(s / MARGIN)
@@ -327,6 +333,8 @@ def _parser() -> argparse.ArgumentParser:
                    + _per_data("held_out"))
     p.add_argument("--image-size", type=int, default=None, help="image side " + _per_data("image_size"))
     p.add_argument("--crop", type=int, default=d.crop, help="side of the classified crops")
+    p.add_argument("--garment-side", type=float, nargs=2, default=d.garment_side, metavar=("LO", "HI"),
+                   help="fashion: a garment's side, as fractions of --image-size (the scenes: 0.3 0.6 of 80)")
     p.add_argument("--epochs", type=int, default=None,
                    help=_per_data("epochs"))
     p.add_argument("--batch-size", type=int, default=d.batch_size)

@@ -88,3 +88,22 @@ def test_bad_options_are_one_line_errors(tmp_path, capsys):
     (tmp_path / "x.pt").write_bytes(b"old")
     assert main(["--data", "synthetic", "--out", str(tmp_path / "x.pt")]) == 2
     assert "--overwrite" in capsys.readouterr().err and (tmp_path / "x.pt").read_bytes() == b"old"
+
+
+def test_garment_side_sets_the_garments_size(tmp_path, capsys):
+    garments = load_garments("train", write_root(tmp_path / "fm"))
+    small = render_garment_crops(garments, 0, range(8), 40, side=(0.3, 0.3))[0]
+    large = render_garment_crops(garments, 0, range(8), 40, side=(0.9, 0.9))[0]
+    assert not torch.equal(small, large)
+    seen = []
+    import semiseg_fast.data.fashion as fashion_module
+    real = fashion_module.render_garment_crops
+    fashion_module.render_garment_crops = lambda *a, **k: seen.append(k["side"]) or real(*a, **k)
+    try:
+        pretrain(tiny(tmp_path, "fashion", root=str(tmp_path / "fm"), garment_side=(0.3, 0.6)), echo=lambda *a, **k: None)
+    finally:
+        fashion_module.render_garment_crops = real
+    assert seen == [(0.3, 0.6), (0.3, 0.6)]  # training and held-out samples alike
+    for bad in (["0", "0.5"], ["0.6", "0.3"], ["0.5", "1.5"]):
+        assert main(["--garment-side", *bad, "--out", str(tmp_path / "y.pt")]) == 2
+        assert "--garment-side" in capsys.readouterr().err
