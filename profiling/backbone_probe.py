@@ -12,8 +12,8 @@ validation scenes, at the output strides a segmentation model can use:
 * ``mask``: to layer4's features (up-sampled) averaged over each object's own pixels, an oracle of
   where the object is; the share of objects right;
 * ``box``: to the object cut out of its scene by its own bounding box (a square of the box's
-  longer side times ``--context``, resampled to the pretraining crop), framed as the pretraining
-  framed its samples; the share of objects right.
+  longer side times ``--context``, resampled to the pretraining crop; the pretraining's own samples
+  frame a garment more loosely, by ``semiseg_fast.pretrain.MARGIN`` and more); the share of objects right.
 
 An object is one (scene, class) pair, as ``semiseg_fast.pretrain.object_boxes`` gives them.
 The weights' held-out accuracy on their own pretraining samples is printed beside, from their
